@@ -1,0 +1,152 @@
+"""The ``qlower`` command line: a thin layer over :func:`qlower.pipeline.convert` and ``verify``.
+
+Exit codes: 0 success, 1 verification failed, 2 input refused (one line on stderr naming
+the node and the reason, never a traceback, never a partial output file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import ir
+from .errors import QlowerError, VerificationError
+from .pipeline import TARGETS, ConversionReport, convert
+from .verify import VerificationReport, load_inputs_npz, verify
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Lower QONNX models to standard, verified ONNX.")
+stdout = Console()
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(exc: QlowerError) -> typer.Exit:
+    stderr.print(f"qlower: error [{type(exc).__name__}]: {exc}", markup=False)
+    return typer.Exit(exc.exit_code)
+
+
+def _write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _print_conversion(report: ConversionReport, quiet: bool) -> None:
+    if quiet:
+        return
+    table = Table(title=f"qlower --to {report.target}: opset {report.input_opset} -> {report.output_opset}")
+    for column in ("node", "op", "role", "bits", "became"):
+        table.add_column(column, overflow="fold")
+    for record in report.quantizers:
+        bits = "" if record.bits is None else f"{record.bits:g}"
+        became = f"{record.emitted}" + ("  [float path]" if record.float_path else "")
+        table.add_row(record.node, record.op, record.role, bits, became)
+    stdout.print(table)
+    if report.unit_records:
+        units = Table(title="compute units")
+        for column in ("node", "op", "became", "reason"):
+            units.add_column(column, overflow="fold")
+        for unit in report.unit_records:
+            units.add_row(*(str(unit.get(key) or "") for key in ("node", "op", "became", "reason")))
+        stdout.print(units)
+
+
+def _print_verification(report: VerificationReport, quiet: bool) -> None:
+    if quiet:
+        return
+    table = Table(title=f"verification ({report.batches} batches, target {report.target})")
+    for column in ("output", "ORT level", "max |diff|", "max LSB", "differing"):
+        table.add_column(column)
+    for row in report.outputs:
+        lsb = "-" if row.max_lsb_diff is None else f"{row.max_lsb_diff:g}"
+        table.add_row(row.name, row.level, f"{row.max_abs_diff:g}", lsb, f"{row.differing_share:.2%}")
+    stdout.print(table)
+    stdout.print("[green]verified[/green]" if report.passed else "[red]verification failed[/red]")
+
+
+@app.command("convert")
+def convert_command(
+    model: Path = typer.Argument(..., help="QONNX model to lower (.onnx)."),
+    to: str = typer.Option("qcdq", "--to", help=f"Target form: {', '.join(TARGETS)}."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: <model>.<target>.onnx)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="Minimum output opset (21+ enables int16 activations)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification against the reference executor."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Verify on these inputs (.npz) instead of random ones."),
+    batches: int = typer.Option(16, "--batches", min=1, help="Random input batches to verify on."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random verification inputs."),
+    tolerance_lsb: float = typer.Option(1.0, "--tolerance-lsb", min=0.0, help="Allowed difference, in output LSBs, where exactness is not required."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
+) -> None:
+    """Lower MODEL to standard ONNX; verify it; write it only if everything holds."""
+    target_path = output or model.with_name(f"{model.name.removesuffix('.onnx')}.{to}.onnx")
+    try:
+        if target_path.resolve() == model.resolve():
+            raise QlowerError(f"{target_path}: the output would overwrite the input model")
+        feeds = load_inputs_npz(inputs) if inputs is not None else None
+        result = convert(
+            model, to, output_path=target_path, opset=opset, verify_result=not no_verify,
+            inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+        )
+    except VerificationError as exc:
+        report = exc.report
+        if isinstance(report, ConversionReport):
+            _print_conversion(report, quiet)
+            if report.verification is not None:
+                _print_verification(report.verification, quiet)
+            if report_path is not None:
+                _write_json(report_path, report.to_dict())
+        raise _fail(exc) from None
+    except QlowerError as exc:
+        raise _fail(exc) from None
+    _print_conversion(result.report, quiet)
+    if result.report.verification is not None:
+        _print_verification(result.report.verification, quiet)
+    if report_path is not None:
+        _write_json(report_path, result.report.to_dict())
+    if not quiet:
+        stdout.print(f"wrote {target_path}")
+
+
+@app.command("verify")
+def verify_command(
+    original: Path = typer.Argument(..., help="The QONNX model."),
+    lowered: Path = typer.Argument(..., help="The lowered model to check against it."),
+    to: str = typer.Option("qcdq", "--to", help="Which rules apply: qcdq (exact) or qop (within --tolerance-lsb)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs (.npz) instead of random ones."),
+    batches: int = typer.Option(16, "--batches", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    tolerance_lsb: float = typer.Option(1.0, "--tolerance-lsb", min=0.0),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the verification report as JSON."),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+) -> None:
+    """Check LOWERED against the QONNX reference running ORIGINAL; exit 1 on a mismatch."""
+    try:
+        feeds = load_inputs_npz(inputs) if inputs is not None else None
+        report = verify(
+            ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
+            batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+        )
+    except QlowerError as exc:
+        raise _fail(exc) from None
+    _print_verification(report, quiet)
+    if report_path is not None:
+        _write_json(report_path, report.to_dict())
+    if not report.passed:
+        stderr.print(f"qlower: error [VerificationError]: {report.failures[0]}", markup=False)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point; internal errors still get one line, not a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a bug in qlower, reported as one line with a distinct code
+        stderr.print(f"qlower: internal error [{type(exc).__name__}]: {exc}", markup=False)
+        sys.exit(3)

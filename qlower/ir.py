@@ -1,0 +1,281 @@
+"""Model I/O and normalization: the only place that reads or writes model files.
+
+``load_model`` accepts a path, bytes or a ModelProto and never mutates what it is given.
+``normalize`` gives every later stage one spelling of the QONNX ops (one domain, ``Quant``
+for ``IntQuant``), a graph that is structurally sound, and a real opset upgrade.
+``save_model_atomic`` writes through a temporary file so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import version_converter
+
+from .errors import InvalidModelError, ModelLoadError, UnsupportedError
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+QONNX_DOMAINS = frozenset({QONNX_DOMAIN, "onnx.brevitas", "finn.custom_op.general", "finn"})
+QONNX_OPS = frozenset({"Quant", "BipolarQuant", "Trunc", "FloatQuant"})
+OP_ALIASES = {"IntQuant": "Quant"}
+MIN_OUTPUT_OPSET = 13
+MAX_PROTOBUF_BYTES = 2**31 - 1
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+
+def is_qonnx_node(node: onnx.NodeProto | gs.Node) -> bool:
+    """True for a QONNX quantizer node in any of the domain spellings seen in real models."""
+    op = node.op_type if isinstance(node, onnx.NodeProto) else node.op
+    return node.domain in QONNX_DOMAINS and OP_ALIASES.get(op, op) in QONNX_OPS
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain imported by the model (1 when absent)."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _parse(data: bytes, origin: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelLoadError(f"{origin} is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{origin} is not an ONNX model (protobuf parse failed: {exc})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(f"{origin} parses as protobuf but is not an ONNX model (no ir_version or empty graph)")
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, origin: str) -> None:
+    base = base_dir.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} points its external data at {location!r}, outside the model's folder"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"tensor {tensor.name!r} needs external data file {location!r}, which is missing")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{origin}: cannot read external data ({exc})") from None
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Read a model from a path, bytes or ModelProto; the caller's object is never modified."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model
+    if isinstance(source, (bytes, bytearray)):
+        return _parse(bytes(source), "input bytes")
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from None
+    model = _parse(data, str(path))
+    _load_external_data(model, path.parent, str(path))
+    return model
+
+
+def _check_structure(graph: onnx.GraphProto) -> None:
+    """Reject duplicate tensor names, dangling inputs and cycles with the node named."""
+    produced: dict[str, str] = {}
+    for value in graph.input:
+        produced[value.name] = "graph input"
+    for init in graph.initializer:
+        produced.setdefault(init.name, "initializer")
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}#{index}"
+        for output in node.output:
+            if not output:
+                continue
+            if output in produced:
+                raise InvalidModelError(f"output {output!r} is already produced by a {produced[output]}", name)
+            produced[output] = f"node {name}"
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}#{index}"
+        for value in node.input:
+            if value and value not in produced:
+                raise InvalidModelError(f"input {value!r} is produced by nothing in the graph", name)
+    for output in graph.output:
+        if output.name not in produced:
+            raise InvalidModelError(f"graph output {output.name!r} is produced by nothing in the graph")
+    _check_acyclic(graph)
+
+
+def _check_acyclic(graph: onnx.GraphProto) -> None:
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    consumers: dict[int, list[int]] = {i: [] for i in range(len(graph.node))}
+    pending = [0] * len(graph.node)
+    for i, node in enumerate(graph.node):
+        for value in node.input:
+            if value in producer:
+                consumers[producer[value]].append(i)
+                pending[i] += 1
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for j in consumers[i]:
+            pending[j] -= 1
+            if pending[j] == 0:
+                ready.append(j)
+    if done != len(graph.node):
+        stuck = next(i for i, count in enumerate(pending) if count > 0)
+        node = graph.node[stuck]
+        raise InvalidModelError("the graph has a cycle through this node", node.name or f"{node.op_type}#{stuck}")
+
+
+def _canonicalize_qonnx_nodes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Rewrite QONNX domains/aliases in place; return the original domains seen."""
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        if is_qonnx_node(node):
+            seen[node.domain] = seen.get(node.domain, 0) + 1
+            node.domain = QONNX_DOMAIN
+            node.op_type = OP_ALIASES.get(node.op_type, node.op_type)
+    return seen
+
+
+def declared_trunc_version(model: onnx.ModelProto) -> int | None:
+    """The QONNX opset version the model imports for its quantizer domain, if any."""
+    versions = [entry.version for entry in model.opset_import if entry.domain in QONNX_DOMAINS]
+    return max(versions) if versions else None
+
+
+def _check_trunc_versions(model: onnx.ModelProto) -> None:
+    declared = declared_trunc_version(model)
+    for node in model.graph.node:
+        if not (is_qonnx_node(node) and node.op_type == "Trunc"):
+            continue
+        count = len(node.input)
+        if count not in (5, 6):
+            raise InvalidModelError(f"Trunc has {count} inputs; version 1 has 5 and version 2 has 6", node.name)
+        if declared is not None and declared >= 2 and count == 5:
+            raise InvalidModelError(
+                f"Trunc has 5 inputs (version 1) but the model declares QONNX opset {declared}", node.name
+            )
+        if declared == 1 and count == 6:
+            raise InvalidModelError(
+                "Trunc has 6 inputs (version 2) but the model declares QONNX opset 1", node.name
+            )
+
+
+def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    current = default_opset(model)
+    if current >= target:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises bare RuntimeError/ValidationError subclasses
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedError(f"cannot upgrade the model from opset {current} to {target}: {first_line}") from None
+    return upgraded
+
+
+def normalize(model: onnx.ModelProto, target_opset: int) -> onnx.ModelProto:
+    """Canonical QONNX domain, initializers out of graph.input, opset >= ``target_opset``.
+
+    Raises InvalidModelError / UnsupportedError with the node named. Works on a copy.
+    """
+    normalized = onnx.ModelProto()
+    normalized.CopyFrom(model)
+    graph = normalized.graph
+    known = onnx.defs.onnx_opset_version()
+    current = default_opset(normalized)
+    if current > known:
+        raise UnsupportedError(f"the model uses ONNX opset {current}, newer than the {known} this onnx knows")
+    _check_structure(graph)
+    _check_trunc_versions(normalized)
+    initializer_names = {init.name for init in graph.initializer}
+    real_inputs = [value for value in graph.input if value.name not in initializer_names]
+    del graph.input[:]
+    graph.input.extend(real_inputs)
+    _canonicalize_qonnx_nodes(graph)
+    kept = [e for e in normalized.opset_import if e.domain not in QONNX_DOMAINS]
+    del normalized.opset_import[:]
+    normalized.opset_import.extend(kept)
+    normalized.opset_import.append(onnx.helper.make_opsetid(QONNX_DOMAIN, 1))
+    if normalized.ir_version < 7:
+        # IR < 4 listed initializers as inputs; the version converter and ORT want IR >= 7
+        # for opset 13+, and nothing else in the file depends on the older IR.
+        normalized.ir_version = 7
+    return _upgrade_opset(normalized, target_opset)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into onnx-graphsurgeon, turning Constant nodes into constant tensors."""
+    graph = gs.import_onnx(model)
+    for node in list(graph.nodes):
+        if node.op == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attrs:
+            value = node.attrs["value"]
+            values = value.values if isinstance(value, gs.Constant) else value
+            out = node.outputs[0]
+            node.outputs.clear()
+            replace_tensor(graph, out, gs.Constant(out.name, values))
+    for index, node in enumerate(graph.nodes):
+        if not node.name:
+            node.name = f"{node.op}_{index}"
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return graph
+
+
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every consumer of ``old`` (and the graph outputs) at ``new``."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+    graph.outputs = [new if tensor is old else tensor for tensor in graph.outputs]
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, keeping the template's IR version, metadata and non-default opsets."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.producer_name = "qlower"
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` via a temporary file in the same folder and a rename."""
+    target = Path(path)
+    data = model.SerializeToString()
+    if len(data) > MAX_PROTOBUF_BYTES:
+        raise UnsupportedError("the lowered model exceeds the 2 GB protobuf limit; external data output is not supported")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,101 @@
+"""Fold a Quant or BipolarQuant on a constant into an integer initializer + DequantizeLinear.
+
+    Quant(W, s, zp, b)  ->  [Clip(q_min, q_max)] -> DequantizeLinear(q, s, zp, axis)
+    with q = quant_integer(W, s, zp, b) computed now, with the exact QONNX semantics.
+
+Weights of up to 8 bits use an int8/uint8 container (with Brevitas's range-marking Clip
+when the range is narrower than the container); wider weights and every bias use int32
+(bias with no Clip, as Brevitas exports it). Any rounding mode folds, since the rounding
+happens here. The emitted DequantizeLinear is checked against the reference values
+before it is accepted, so a container or layout that would change a value is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import semantics
+from ..analysis import Quantizer, per_axis_layout
+from .base import Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _container(q: Quantizer) -> type:
+    if q.role == "bias" or (q.bit_width is not None and q.bit_width > 8):
+        return np.int32
+    return np.int8 if (q.signed or q.is_bipolar) else np.uint8
+
+
+def _grid(q: Quantizer) -> np.ndarray:
+    values = np.asarray(q.x.values, dtype=np.float32)
+    if q.op == "BipolarQuant":
+        return semantics.bipolar_integer(values)
+    return semantics.quant_integer(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
+
+
+def _reference(q: Quantizer) -> np.ndarray:
+    values = np.asarray(q.x.values, dtype=np.float32)
+    if q.op == "BipolarQuant":
+        return semantics.bipolar_quant(values, q.scale)
+    return semantics.quant(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
+
+
+def _needs_clip(q: Quantizer, container: type) -> bool:
+    if container is np.int32 or q.is_bipolar:
+        return False
+    info = np.iinfo(container)
+    return q.int_range != (int(info.min), int(info.max))
+
+
+class FoldConstantQuantizer(QuantizerPass):
+    name = "fold_constant_quantizer"
+    matches = "Quant | BipolarQuant on a constant input, constant parameters"
+    emits = "integer initializer -> [Clip] -> DequantizeLinear(scale, zero_point, axis)"
+
+    def applies_to(self, q: Quantizer) -> bool:
+        return q.op in ("Quant", "BipolarQuant") and q.is_constant_input
+
+    def check(self, q: Quantizer, ctx: LoweringContext) -> str | None:
+        if np.any(q.zero_point != np.round(q.zero_point)):
+            return "zero point is not an integer, so it cannot be stored in an integer container"
+        fits, _ = per_axis_layout([q.scale, q.zero_point], q.input_rank)
+        if not fits:
+            return f"scale {q.scale.shape} / zero point {q.zero_point.shape} vary along more than one axis"
+        grid = _grid(q)
+        info = np.iinfo(_container(q))
+        # A 32-bit range clamps at float32(2**31 - 1) == 2**31, one past int32; storing
+        # the clamped value is only exact if dequantization still gives the same float.
+        stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(np.int64)
+        zp_int = np.round(q.zero_point).astype(np.int64)
+        if np.any(zp_int < info.min) or np.any(zp_int > info.max):
+            return f"zero point does not fit the {info.dtype} container"
+        dequantized = (stored - zp_int).astype(np.float32) * q.scale
+        if not np.array_equal(dequantized, _reference(q)):
+            return f"the {info.dtype} container cannot reproduce every folded value exactly"
+        return None
+
+    def rewrite(self, q: Quantizer, ctx: LoweringContext) -> str:
+        container = _container(q)
+        info = np.iinfo(container)
+        em = Emitter(ctx, q)
+        grid = _grid(q)  # already broadcast against scale and zero point
+        _, axis = per_axis_layout([q.scale, q.zero_point], grid.ndim)
+        scale, zero_point = broadcast_pair(q.scale, q.zero_point)
+        stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(container)
+        values = em.constant("quantized", stored)
+        dq_scale = em.constant("scale", scalar_or_vector(scale, axis, np.float32))
+        dq_zero_point = em.constant("zero_point", scalar_or_vector(np.round(zero_point), axis, container))
+        attrs = {} if axis is None else {"axis": axis}
+        parts = [f"{info.dtype} initializer"]
+        if _needs_clip(q, container):
+            q_min, q_max = q.int_range
+            values = em.node(
+                "Clip",
+                [values, em.constant("clip_min", np.array(q_min, container)), em.constant("clip_max", np.array(q_max, container))],
+                dtype=container,
+            )
+            parts.append(f"Clip[{q_min},{q_max}]")
+        em.node("DequantizeLinear", [values, dq_scale, dq_zero_point], attrs, final=True)
+        parts.append("DequantizeLinear" + ("" if axis is None else f"(axis={axis})"))
+        return " -> ".join(parts)

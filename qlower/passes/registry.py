@@ -1,0 +1,40 @@
+"""The pipeline table: which passes run, in order, for each target.
+
+A new lowering is a new module in this package plus one line here. Quantizer passes are
+tried in order on every quantizer not yet lowered; the first whose check passes wins, so
+the exact-but-slow fallbacks come last.
+"""
+
+from __future__ import annotations
+
+from .activation_qcdq import ActivationQCDQ
+from .base import GraphPass, QuantizerPass
+from .bipolar_activation import BipolarActivation
+from .fold_constant_float import FoldConstantToFloat
+from .fold_constant_quantizer import FoldConstantQuantizer
+from .quant_float_path import QuantFloatPath
+from .trunc import TruncToFloatOps
+
+_QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
+    FoldConstantQuantizer(),
+    ActivationQCDQ(),
+    BipolarActivation(),
+    TruncToFloatOps(),
+    QuantFloatPath(),
+    FoldConstantToFloat(),
+)
+
+_GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
+    "qcdq": (),
+    "qop": (),
+}
+
+
+def quantizer_passes_for(target: str) -> tuple[QuantizerPass, ...]:
+    """Quantizer lowering passes; qop starts from the same exact QCDQ form."""
+    return _QCDQ_QUANTIZER_PASSES
+
+
+def graph_passes_for(target: str) -> tuple[GraphPass, ...]:
+    """Passes over the lowered graph (qop's QLinear fusion); none for qcdq."""
+    return _GRAPH_PASSES[target]

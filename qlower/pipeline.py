@@ -1,0 +1,163 @@
+"""The one pipeline behind the CLI and the Python API.
+
+load -> normalize -> fold constant subgraphs -> analyse quantizers -> passes for the
+target -> cleanup -> export and check -> verify -> save atomically -> report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .analysis import analyse
+from .errors import InvalidModelError, UnsupportedError
+from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
+from .errors import VerificationError
+from .passes.registry import graph_passes_for, quantizer_passes_for
+from .verify import VerificationReport, verify
+
+TARGETS = ("qcdq", "qop")
+
+
+@dataclass
+class ConversionReport:
+    """Everything a user or CI needs to know about one conversion."""
+
+    target: str
+    input_opset: int
+    output_opset: int
+    quantizers: list[QuantizerRecord]
+    unit_records: list[dict[str, object]] = field(default_factory=list)
+    folded_constant_nodes: int = 0
+    verification: VerificationReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    output_path: str | None = None
+
+    @property
+    def float_path_nodes(self) -> list[str]:
+        return [r.node for r in self.quantizers if r.float_path]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "input_opset": self.input_opset,
+            "output_opset": self.output_opset,
+            "output_path": self.output_path,
+            "folded_constant_nodes": self.folded_constant_nodes,
+            "quantizers": [r.to_dict() for r in self.quantizers],
+            "units": self.unit_records,
+            "float_path_nodes": self.float_path_nodes,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class ConversionResult:
+    model: onnx.ModelProto
+    report: ConversionReport
+
+
+def _fold_constant_subgraphs(graph: gs.Graph) -> int:
+    """Fold standard ops whose inputs are all constant (e.g. scales computed from initializers).
+
+    Shapes are not folded: a Shape of a run-time input stays, so no batch size is baked in.
+    """
+    before = len(graph.nodes)
+    graph.fold_constants(fold_shapes=False, should_exclude_node=ir.is_qonnx_node, error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return before - len(graph.nodes)
+
+
+def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext) -> list[QuantizerRecord]:
+    table = analyse(graph)
+    records = {q.name: QuantizerRecord(q.name, q.op, q.role, q.bit_width) for q in table}
+    if len(records) != len(table):
+        raise InvalidModelError("two quantizer nodes share a name")
+    pending = table
+    for rule in rules:
+        pending = run_pass(rule, pending, ctx, records)
+    if pending:
+        q = pending[0]
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in records[q.name].skipped) or "no pass matches it"
+        raise UnsupportedError(f"cannot lower this {q.op} ({reasons})", q.name)
+    return list(records.values())
+
+
+def _finish(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = ir.to_model(graph, template)
+    kept = [entry for entry in model.opset_import if entry.domain not in ir.QONNX_DOMAINS]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    survivors = [n.name for n in model.graph.node if ir.is_qonnx_node(n)]
+    if survivors:
+        raise UnsupportedError("a QONNX node survived lowering", survivors[0])
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UnsupportedError(f"the lowered model fails the ONNX checker: {first}") from None
+    return model
+
+
+def convert(
+    source: ir.ModelSource,
+    to: str = "qcdq",
+    *,
+    output_path: str | os.PathLike | None = None,
+    opset: int | None = None,
+    verify_result: bool = True,
+    inputs: list[dict[str, np.ndarray]] | None = None,
+    batches: int = 16,
+    seed: int = 0,
+    tolerance_lsb: float = 1.0,
+) -> ConversionResult:
+    """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
+
+    Raises a :class:`qlower.errors.QlowerError` subclass for bad input (nothing is written)
+    and :class:`qlower.errors.VerificationError` when verification fails (nothing is written).
+    """
+    if to not in TARGETS:
+        raise UnsupportedError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    original = ir.load_model(source)
+    input_opset = ir.default_opset(original)
+    output_opset = max(ir.MIN_OUTPUT_OPSET, input_opset, opset or 0)
+    normalized = ir.normalize(original, output_opset)
+    graph = ir.to_graph(normalized)
+    folded = _fold_constant_subgraphs(graph)
+    seconds["load_normalize"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ctx = LoweringContext(graph=graph, opset=output_opset, target=to)
+    quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
+    unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in rule.run(ctx)]
+    lowered = _finish(graph, normalized)
+    seconds["lower"] = time.perf_counter() - start
+
+    report = ConversionReport(to, input_opset, output_opset, quantizer_records, unit_records, folded, seconds=seconds)
+    if verify_result:
+        start = time.perf_counter()
+        report.verification = verify(
+            original, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb
+        )
+        seconds["verify"] = time.perf_counter() - start
+        try:
+            report.verification.raise_if_failed()
+        except VerificationError as exc:
+            exc.report = report  # the CLI still writes the report of a failed conversion
+            raise
+    if output_path is not None:
+        ir.save_model_atomic(lowered, output_path)
+        report.output_path = str(Path(output_path))
+    return ConversionResult(lowered, report)
