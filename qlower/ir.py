@@ -255,11 +255,28 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, keeping the template's IR version, metadata and non-default opsets."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _fill_missing_output_shapes(model)
     model.ir_version = template.ir_version
     model.producer_name = "qlower"
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     return model
+
+
+def _fill_missing_output_shapes(model: onnx.ModelProto) -> None:
+    """Give graph outputs declared without a shape the inferred one (the checker wants one)."""
+    missing = [out for out in model.graph.output if not out.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return
+    by_name = {out.name: out for out in inferred.graph.output}
+    for out in missing:
+        found = by_name.get(out.name)
+        if found is not None and found.type.tensor_type.HasField("shape"):
+            out.type.CopyFrom(found.type)
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -60,6 +60,19 @@ def int_range(signed: bool, narrow: bool, bit_width: int) -> tuple[int, int]:
     return 0, 2**bit_width - 1 - (1 if narrow else 0)
 
 
+def float_range(signed: bool, narrow: bool, bit_width: float) -> tuple[np.float32, np.float32]:
+    """The clamp bounds ``(q_min, q_max)`` as QONNX computes them: the SPEC table in float32.
+
+    For an integer ``bit_width`` these are ``int_range`` rounded once to float32 (exact up
+    to 24 bits). A non-integer width is legal QONNX input and gets non-integer bounds
+    (2.5 signed bits clamp to about [-2.83, 1.83]); truncating the width would be wrong.
+    """
+    half = F32(2) ** (F32(bit_width) - F32(1))
+    if signed:
+        return F32(-half + F32(1 if narrow else 0)), F32(half - F32(1))
+    return F32(0), F32(F32(2) ** F32(bit_width) - F32(2 if narrow else 1))
+
+
 def _f32(value: np.ndarray | float) -> np.ndarray:
     return np.asarray(value, dtype=F32)
 
@@ -77,9 +90,8 @@ def quant_integer(
     t = _f32(x) / _f32(scale) + _f32(zero_point)
     if signed and bit_width == 1:
         return np.where(t >= 0, F32(1), F32(-1)).astype(F32)
-    q_min, q_max = int_range(signed, narrow, int(bit_width))
-    clamped = np.clip(t, F32(q_min), F32(q_max))
-    return round_with_mode(clamped, rounding_mode)
+    q_min, q_max = float_range(signed, narrow, bit_width)
+    return round_with_mode(np.clip(t, q_min, q_max), rounding_mode)
 
 
 def quant(
@@ -125,8 +137,8 @@ def trunc_v2(
     t = np.rint(_f32(x) / _f32(scale) + _f32(zero_point)).astype(F32)
     k = trunc_power_of_two(scale, out_scale)
     t = t / k
-    q_min, q_max = int_range(signed, narrow, int(out_bit_width))
-    t = round_with_mode(np.clip(t, F32(q_min), F32(q_max)), rounding_mode)
+    q_min, q_max = float_range(signed, narrow, out_bit_width)
+    t = round_with_mode(np.clip(t, q_min, q_max), rounding_mode)
     return ((t - _f32(zero_point) / k) * _f32(out_scale)).astype(F32)
 
 
@@ -143,3 +155,56 @@ def trunc_v1(
     shift = np.exp2(_f32(in_bit_width) - _f32(out_bit_width)).astype(F32)
     t = round_with_mode(t / shift, rounding_mode)
     return ((t - _f32(zero_point)) * _f32(scale)).astype(F32)
+
+
+def minifloat_max(exponent_bitwidth: int, mantissa_bitwidth: int, exponent_bias: int) -> float:
+    """Largest value of a minifloat format whose top exponent encodes finite numbers."""
+    max_exponent = 2**exponent_bitwidth - 1 - exponent_bias
+    return (2.0 - 2.0**-mantissa_bitwidth) * 2.0**max_exponent
+
+
+def float_quant(
+    x: np.ndarray,
+    scale: np.ndarray,
+    exponent_bitwidth: int,
+    mantissa_bitwidth: int,
+    exponent_bias: int,
+    max_val: np.ndarray | float,
+    *,
+    has_inf: bool = False,
+    has_nan: bool = False,
+    saturation: bool = True,
+    rounding_mode: str = "ROUND",
+) -> np.ndarray:
+    """QONNX ``FloatQuant`` (SPEC 1.4): ``x/scale`` rounded to a signed minifloat, times ``scale``.
+
+    Follows qonnx's ``float_quant`` step by step in float32: the step of ``t = x/scale`` is
+    ``2^(max(floor(log2|t|), 1 - bias) - mantissa)`` (subnormals included), ``t`` is rounded
+    to that step, clamped to ``+-min(minifloat_max, max_val)``, and multiplied back. Where
+    qonnx finds ``floor(log2|t|)`` with a float32 ``log2`` (which lands in the next binade
+    for ``t`` within an ulp below a power of two, visible with FLOOR/CEIL), this takes the
+    exact exponent from ``frexp``. Without saturation, values rounded past the maximum
+    become +-inf (``has_inf``) or NaN (``has_nan``). A non-finite ``t`` gives NaN, as in
+    qonnx and Brevitas (``inf / inf``). ``has_subnormal`` does not change the result in
+    qonnx either, so it is not a parameter here.
+    """
+    t = _f32(x) / _f32(scale)
+    finite = np.isfinite(t)
+    safe = np.where(finite, t, F32(0))
+    _, exponent = np.frexp(safe)  # safe = f * 2**exponent with 0.5 <= |f| < 1
+    step_exponent = np.maximum(exponent - 1, 1 - exponent_bias) - mantissa_bitwidth
+    # Scaling by a power of two is exact, so ldexp replaces qonnx's division and product.
+    rounded = round_with_mode(np.ldexp(safe, -step_exponent), rounding_mode)
+    q = np.ldexp(rounded, step_exponent).astype(F32)
+    limit = np.minimum(F32(minifloat_max(exponent_bitwidth, mantissa_bitwidth, exponent_bias)), _f32(max_val))
+    above, below = q > limit, q < -limit
+    q = np.clip(q, -limit, limit)
+    if not saturation:
+        if has_inf:
+            q = np.where(above, F32(np.inf), np.where(below, F32(-np.inf), q))
+        elif has_nan:
+            q = np.where(above | below, F32(np.nan), q)
+        else:
+            raise ValueError("FloatQuant with saturation=0 needs has_inf or has_nan to say what overflow becomes")
+    q = np.where(finite, q, F32(np.nan))
+    return (q * _f32(scale)).astype(F32)

@@ -137,7 +137,7 @@ class Emitter:
         self.counter = 0
 
     def constant(self, suffix: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{suffix}", np.ascontiguousarray(value))
+        return gs.Constant(f"{self.prefix}/{suffix}", np.array(value, order="C"))
 
     def node(
         self,

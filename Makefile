@@ -1,0 +1,32 @@
+# Every target sets up what it needs from nothing: a venv in .venv with qlower and its
+# test extras installed in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qlower-installed
+
+.PHONY: install test demo bench fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/qlower convert examples/tfc_2w2a.onnx --to qcdq -o out/tfc_2w2a.qcdq.onnx --report out/tfc_2w2a.qcdq.json
+	$(VENV)/bin/qlower convert examples/mobilenet_style.onnx --to qcdq -o out/mobilenet_style.qcdq.onnx --report out/mobilenet_style.qcdq.json
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_convert.py
+
+fuzz: $(STAMP)
+	QLOWER_FUZZ_EXAMPLES=$${QLOWER_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m slow tests/test_fuzz.py -p no:cacheprovider
+
+clean:
+	rm -rf out .pytest_cache .hypothesis

@@ -1,0 +1,467 @@
+"""The QONNX reference executor: ground truth for verification (SPEC section 4).
+
+It runs the *original* model as written, at its own opset, with the QONNX quantizers
+evaluated in numpy by :mod:`qlower.semantics` and every standard node run by ONNX Runtime
+on the CPU with graph optimizations disabled. Running standard nodes in ORT (not a second
+implementation) matters: the lowered model runs in ORT too, so any difference the verifier
+reports comes from the lowering, not from two float kernels summing in different orders.
+
+Standard nodes are grouped: the executor schedules the graph so that all QONNX nodes that
+are ready run first, then every standard node that is ready (or becomes ready inside the
+group) joins one ORT model. Inside a group a tensor stays exactly what it was in the
+original graph: original initializers and ``Constant`` outputs are initializers (ORT
+prepacks constant MatMul/Gemm weights, which changes the summation order), values
+computed at runtime are graph inputs or internal edges. Each group's session is built
+once, in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from . import semantics
+from .errors import InvalidModelError, InvalidQuantizerError, QlowerError, UnsupportedError
+from .ir import OP_ALIASES, default_opset, is_qonnx_node
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+_ORT_TYPES = {
+    f"tensor({onnx.TensorProto.DataType.Name(code).lower()})": code
+    for code in onnx.TensorProto.DataType.values()
+    if code != onnx.TensorProto.UNDEFINED
+}
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error message (ORT messages run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def make_session(model: onnx.ModelProto | bytes, *, optimized: bool) -> ort.InferenceSession:
+    """A CPU ORT session: ``ORT_ENABLE_ALL`` with default threads, or ``ORT_DISABLE_ALL``.
+
+    The unoptimized level also runs on one thread: it is the level held to bit-exactness,
+    and one thread keeps the many small reference sessions cheap to create.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """How errors name a node: its name, or ``OpType#index`` when it has none."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def _constant_node_value(node: onnx.NodeProto, label: str) -> np.ndarray:
+    """The value of a ``Constant`` node, from whichever ``value*`` attribute it carries."""
+    if len(node.attribute) != 1:
+        raise InvalidModelError("a Constant node needs exactly one value attribute", label)
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    if attr.name == "value_string":
+        return np.array(attr.s.decode(), dtype=object)
+    if attr.name == "value_strings":
+        return np.array([s.decode() for s in attr.strings], dtype=object)
+    raise UnsupportedError(f"Constant with attribute {attr.name!r} is not supported", label)
+
+
+def is_constant_node(node: onnx.NodeProto) -> bool:
+    """A default-domain ``Constant`` node (its output is a constant, as ORT treats it)."""
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of a graph: initializers and ``Constant`` node outputs."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for index, node in enumerate(graph.node):
+        if is_constant_node(node):
+            values[node.output[0]] = _constant_node_value(node, node_label(node, index))
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# One QONNX operator
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flag(attrs: Mapping[str, object], name: str, default: int) -> bool:
+    value = attrs.get(name, default)
+    if not isinstance(value, (int, np.integer)) or value not in (0, 1):
+        raise InvalidQuantizerError(f"attribute {name} must be 0 or 1, got {_text(value)!r}")
+    return bool(value)
+
+
+def _rounding_mode(attrs: Mapping[str, object], op_type: str, default: str | None) -> str:
+    if "rounding_mode" not in attrs:
+        if default is None:
+            raise InvalidQuantizerError(f"{op_type} needs a rounding_mode attribute")
+        return default
+    try:
+        return semantics.normalize_rounding_mode(_text(attrs["rounding_mode"]))
+    except ValueError as exc:
+        raise InvalidQuantizerError(str(exc)) from None
+
+
+def _scalar(value: np.ndarray, what: str) -> float:
+    array = np.asarray(value)
+    if array.size != 1:
+        raise InvalidQuantizerError(f"{what} must be a single value, got shape {list(array.shape)}")
+    return float(array.reshape(()))
+
+
+def _bit_width(value: np.ndarray, what: str) -> float:
+    bits = _scalar(value, what)
+    if not np.isfinite(bits) or bits < 1:
+        raise InvalidQuantizerError(f"{what} must be a finite number >= 1, got {bits}")
+    return bits
+
+
+def _integer(value: np.ndarray, what: str, minimum: int) -> int:
+    number = _scalar(value, what)
+    if not number.is_integer() or number < minimum:
+        raise InvalidQuantizerError(f"{what} must be an integer >= {minimum}, got {number}")
+    return int(number)
+
+
+def _expect_inputs(op_type: str, inputs: Sequence[np.ndarray], counts: tuple[int, ...]) -> None:
+    if len(inputs) not in counts:
+        wanted = " or ".join(str(c) for c in counts)
+        raise InvalidQuantizerError(f"{op_type} takes {wanted} inputs, got {len(inputs)}")
+
+
+def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mapping[str, object]) -> np.ndarray:
+    """Evaluate one QONNX operator (SPEC section 1) on numpy inputs; returns float32.
+
+    ``op_type`` is ``Quant`` (or its alias ``IntQuant``), ``BipolarQuant``, ``Trunc`` (five
+    inputs: version 1, six: version 2) or ``FloatQuant``. ``attrs`` maps attribute names to
+    Python values; strings may be ``bytes`` or ``str``, rounding modes any case. Pure: the
+    inputs are not modified. Raises InvalidQuantizerError for malformed parameters and
+    UnsupportedError for an unknown op; the messages do not name a node (callers add it).
+    """
+    op = OP_ALIASES.get(op_type, op_type)
+    with np.errstate(all="ignore"):  # zero scales and overflow are defined IEEE results here
+        if op == "Quant":
+            _expect_inputs(op, inputs, (4,))
+            x, scale, zero_point, bit_width = inputs
+            return semantics.quant(
+                x,
+                scale,
+                zero_point,
+                _bit_width(bit_width, "Quant bit width"),
+                signed=_flag(attrs, "signed", 1),
+                narrow=_flag(attrs, "narrow", 0),
+                rounding_mode=_rounding_mode(attrs, op, "ROUND"),
+            )
+        if op == "BipolarQuant":
+            _expect_inputs(op, inputs, (2,))
+            return semantics.bipolar_quant(inputs[0], inputs[1])
+        if op == "Trunc":
+            _expect_inputs(op, inputs, (5, 6))
+            mode = _rounding_mode(attrs, op, None)
+            if len(inputs) == 5:
+                x, scale, zero_point, in_bits, out_bits = inputs
+                return semantics.trunc_v1(
+                    x,
+                    scale,
+                    zero_point,
+                    _bit_width(in_bits, "Trunc input bit width"),
+                    _bit_width(out_bits, "Trunc output bit width"),
+                    mode,
+                )
+            x, scale, zero_point, _in_bits, out_scale, out_bits = inputs
+            return semantics.trunc_v2(
+                x,
+                scale,
+                zero_point,
+                out_scale,
+                _bit_width(out_bits, "Trunc output bit width"),
+                signed=_flag(attrs, "signed", 1),
+                narrow=_flag(attrs, "narrow", 0),
+                rounding_mode=mode,
+            )
+        if op == "FloatQuant":
+            _expect_inputs(op, inputs, (6,))
+            x, scale, exponent_bits, mantissa_bits, exponent_bias, max_val = inputs
+            try:
+                return semantics.float_quant(
+                    x,
+                    scale,
+                    _integer(exponent_bits, "FloatQuant exponent bit width", 1),
+                    _integer(mantissa_bits, "FloatQuant mantissa bit width", 0),
+                    _integer(exponent_bias, "FloatQuant exponent bias", -(2**30)),
+                    _scalar(max_val, "FloatQuant max_val"),
+                    has_inf=_flag(attrs, "has_inf", 0),
+                    has_nan=_flag(attrs, "has_nan", 0),
+                    saturation=_flag(attrs, "saturation", 1),
+                    rounding_mode=_rounding_mode(attrs, op, "ROUND"),
+                )
+            except ValueError as exc:  # saturation=0 without has_inf / has_nan
+                raise InvalidQuantizerError(str(exc)) from None
+    raise UnsupportedError(f"{op_type} is not a QONNX quantizer qlower knows")
+
+
+# ---------------------------------------------------------------------------------------
+# The whole model
+
+
+@dataclass(frozen=True)
+class _QonnxStep:
+    label: str
+    op_type: str
+    inputs: tuple[str, ...]
+    output: str
+    attrs: dict[str, object]
+
+    def run(self, env: dict[str, np.ndarray]) -> None:
+        try:
+            env[self.output] = evaluate_qonnx_node(self.op_type, [env[name] for name in self.inputs], self.attrs)
+        except QlowerError as exc:
+            raise type(exc)(exc.reason, exc.node or self.label) from None
+        except ValueError as exc:  # numpy: operands that do not broadcast
+            raise InvalidQuantizerError(first_line(exc), self.label) from None
+
+
+@dataclass(frozen=True)
+class _OrtStep:
+    labels: tuple[str, ...]
+    session: ort.InferenceSession
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def run(self, env: dict[str, np.ndarray]) -> None:
+        try:
+            results = self.session.run(list(self.outputs), {name: env[name] for name in self.inputs})
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+            raise InvalidModelError(
+                f"ONNX Runtime failed on the original model's nodes {', '.join(self.labels[:3])}"
+                f"{', ...' if len(self.labels) > 3 else ''}: {first_line(exc)}"
+            ) from None
+        env.update(zip(self.outputs, results))
+
+
+class ReferenceExecutor:
+    """Run an original QONNX model: numpy for quantizers, ORT (unoptimized) for the rest.
+
+    Takes the model as ``ir.load_model`` returns it: any opset from 9 (never upgraded), any
+    QONNX domain spelling, initializers possibly listed as inputs, Constant nodes, symbolic
+    dims, no shape information needed. Nodes not needed for a graph output are skipped.
+    Raises UnsupportedError for control flow and unknown domains, InvalidModelError for a
+    graph that cannot be scheduled.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self._constants = constant_values(graph)
+        self._input_names = tuple(value.name for value in graph.input if value.name not in self._constants)
+        self._output_names = tuple(value.name for value in graph.output)
+        value_types: dict[str, int] = {}
+        for value in graph.input:
+            if value.name in self._constants:
+                continue
+            if not value.type.HasField("tensor_type") or value.type.tensor_type.elem_type == 0:
+                raise UnsupportedError(f"graph input {value.name!r} is not a typed tensor")
+            value_types[value.name] = value.type.tensor_type.elem_type
+        nodes = self._live_nodes(graph)
+        consumers: dict[str, list[int]] = {}
+        for index, node in nodes.items():
+            for name in node.input:
+                consumers.setdefault(name, []).append(index)
+        opsets = [entry for entry in model.opset_import if entry.domain in STANDARD_DOMAINS]
+        if not any(entry.domain in ("", "ai.onnx") for entry in opsets):
+            opsets.append(onnx.helper.make_opsetid("", default_opset(model)))
+        self._steps: list[_QonnxStep | _OrtStep] = []
+        for group in self._schedule(nodes):
+            if isinstance(group, _QonnxStep):
+                value_types[group.output] = onnx.TensorProto.FLOAT
+                self._steps.append(group)
+            else:
+                self._steps.append(self._build_group(group, nodes, consumers, value_types, opsets))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The real graph inputs (initializers listed as inputs excluded), in graph order."""
+        return self._input_names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph outputs, in graph order."""
+        return self._output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Execute the model on ``feeds`` (one array per real input); return every graph output."""
+        missing = [name for name in self._input_names if name not in feeds]
+        if missing:
+            raise ValueError(f"no value given for model input(s) {', '.join(map(repr, missing))}")
+        env: dict[str, np.ndarray] = dict(self._constants)
+        env.update({name: np.asarray(feeds[name]) for name in self._input_names})
+        for step in self._steps:
+            step.run(env)
+        return {name: np.array(env[name]) for name in self._output_names}
+
+    # -- planning -----------------------------------------------------------------------
+
+    def _live_nodes(self, graph: onnx.GraphProto) -> dict[int, onnx.NodeProto]:
+        """Nodes (by index) that a graph output depends on, checked for what we can run."""
+        producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+        for name in self._output_names:
+            if name not in producer and name not in self._constants and name not in self._input_names:
+                raise InvalidModelError(f"graph output {name!r} is produced by nothing in the graph")
+        live: set[int] = set()
+        stack = [producer[name] for name in self._output_names if name in producer]
+        while stack:
+            index = stack.pop()
+            if index in live:
+                continue
+            live.add(index)
+            stack.extend(producer[name] for name in graph.node[index].input if name in producer)
+        nodes: dict[int, onnx.NodeProto] = {}
+        for index in sorted(live):
+            node = graph.node[index]
+            if is_constant_node(node):
+                continue
+            label = node_label(node, index)
+            if is_qonnx_node(node):
+                if len(node.output) != 1:
+                    raise InvalidModelError(f"{node.op_type} must have exactly one output", label)
+            elif node.domain not in STANDARD_DOMAINS:
+                raise UnsupportedError(f"operator {node.op_type} of domain {node.domain!r} is not QONNX or ONNX", label)
+            elif node.op_type in CONTROL_FLOW_OPS or any(
+                attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute
+            ):
+                raise UnsupportedError(f"control flow ({node.op_type}) is not supported", label)
+            nodes[index] = node
+        return nodes
+
+    def _schedule(self, nodes: dict[int, onnx.NodeProto]) -> list[_QonnxStep | list[int]]:
+        """Order the nodes: ready QONNX nodes one by one, then all ready standard nodes as a group.
+
+        Kahn's algorithm with two ready queues (by original index, so the order is stable);
+        linear in the graph size.
+        """
+        available = set(self._constants) | set(self._input_names) | {""}
+        waiting: dict[int, int] = {}
+        consumers: dict[str, list[int]] = {}
+        for index, node in nodes.items():
+            missing = {name for name in node.input if name not in available}
+            waiting[index] = len(missing)
+            for name in missing:
+                consumers.setdefault(name, []).append(index)
+        ready_qonnx = [i for i, count in waiting.items() if count == 0 and is_qonnx_node(nodes[i])]
+        ready_standard = [i for i, count in waiting.items() if count == 0 and not is_qonnx_node(nodes[i])]
+        heapq.heapify(ready_qonnx)
+        heapq.heapify(ready_standard)
+
+        def produce(index: int) -> None:
+            for name in nodes[index].output:
+                for consumer in consumers.pop(name, []):
+                    waiting[consumer] -= 1
+                    if waiting[consumer] == 0:
+                        heapq.heappush(ready_qonnx if is_qonnx_node(nodes[consumer]) else ready_standard, consumer)
+
+        plan: list[_QonnxStep | list[int]] = []
+        scheduled = 0
+        while ready_qonnx or ready_standard:
+            while ready_qonnx:
+                index = heapq.heappop(ready_qonnx)
+                node = nodes[index]
+                attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+                plan.append(_QonnxStep(node_label(node, index), node.op_type, tuple(node.input), node.output[0], attrs))
+                produce(index)
+                scheduled += 1
+            group: list[int] = []
+            while ready_standard:
+                index = heapq.heappop(ready_standard)
+                group.append(index)
+                produce(index)
+            if group:
+                plan.append(group)
+                scheduled += len(group)
+        if scheduled != len(nodes):
+            index = next(i for i, count in waiting.items() if count > 0)
+            node = nodes[index]
+            produced = {out for other in nodes.values() for out in other.output}
+            dangling = [name for name in node.input if name and name not in available and name not in produced]
+            reason = (
+                f"input {dangling[0]!r} is produced by nothing in the graph"
+                if dangling
+                else "the graph has a cycle through this node"
+            )
+            raise InvalidModelError(reason, node_label(node, index))
+        return plan
+
+    def _build_group(
+        self,
+        group: list[int],
+        nodes: dict[int, onnx.NodeProto],
+        consumers: dict[str, list[int]],
+        value_types: dict[str, int],
+        opsets: list[onnx.OperatorSetIdProto],
+    ) -> _OrtStep:
+        """One ORT session for a group of standard nodes, exporting what later steps read."""
+        members = set(group)
+        produced = {out for i in group for out in nodes[i].output if out}
+        graph_outputs = set(self._output_names)
+        seen: set[str] = set()
+        inputs: list[str] = []
+        constants: list[str] = []
+        for i in group:
+            for name in nodes[i].input:
+                if name and name not in produced and name not in seen:
+                    seen.add(name)
+                    (constants if name in self._constants else inputs).append(name)
+        outputs = [
+            out
+            for i in group
+            for out in nodes[i].output
+            if out and (out in graph_outputs or any(c not in members for c in consumers.get(out, [])))
+        ]
+        graph = onnx.helper.make_graph(
+            [nodes[i] for i in group],
+            "qlower_reference_group",
+            [onnx.helper.make_tensor_value_info(name, value_types[name], None) for name in inputs],
+            [onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
+            initializer=[numpy_helper.from_array(self._constants[name], name) for name in constants],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = max(4, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+        labels = tuple(node_label(nodes[i], i) for i in group)
+        try:
+            session = make_session(model, optimized=False)
+        except Exception as exc:  # ORT raises its own exception types
+            raise InvalidModelError(
+                f"ONNX Runtime cannot run the original model's nodes {', '.join(labels[:3])}"
+                f"{', ...' if len(labels) > 3 else ''}: {first_line(exc)}"
+            ) from None
+        for meta in session.get_outputs():
+            if meta.type not in _ORT_TYPES:
+                raise UnsupportedError(f"output {meta.name!r} has non-tensor type {meta.type}")
+            value_types[meta.name] = _ORT_TYPES[meta.type]
+        return _OrtStep(labels, session, tuple(inputs), tuple(outputs))

@@ -1,0 +1,119 @@
+"""The command line as CI uses it: exit codes, one-line errors, reports, no partial output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from paths import ZOO_DIR
+
+EXAMPLE = ZOO_DIR / "TFC_2W2A.onnx"
+
+
+def qlower_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qlower", *args], capture_output=True, text=True, timeout=600)
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], error_class: str, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"qlower: error [{error_class}]: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def single_quant_model(scale: float, scale_is_input: bool = False) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("z", 0.0), ("b", 4.0))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    if scale_is_input:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    else:
+        inits.append(numpy_helper.from_array(np.array(scale, np.float32), "s"))
+    node = helper.make_node("Quant", ["x", "s", "z", "b"], ["y"], name="act_quant", domain="qonnx.custom_op.general", signed=1, narrow=0)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)])
+
+
+def test_convert_writes_model_and_json_report(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = qlower_cli("convert", str(EXAMPLE), "--to", "qcdq", "-o", str(out), "--report", str(report), "--batches", "4")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(report.read_text())
+    assert payload["target"] == "qcdq" and payload["verification"]["passed"]
+    assert len(payload["quantizers"]) == 8 and all(q["lowered_by"] for q in payload["quantizers"])
+    assert onnx.load(str(out)).graph.node
+
+
+def test_verify_command_passes_and_fails(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    assert qlower_cli("convert", str(EXAMPLE), "-o", str(out), "--no-verify", "-q").returncode == 0
+    assert qlower_cli("verify", str(EXAMPLE), str(out), "--batches", "2").returncode == 0
+    wrong = onnx.load(str(out))
+    for init in wrong.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and not init.dims:  # perturb every scalar scale
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
+    onnx.save(wrong, str(tmp_path / "wrong.onnx"))
+    proc = qlower_cli("verify", str(EXAMPLE), str(tmp_path / "wrong.onnx"), "--batches", "2")
+    assert proc.returncode == 1
+    assert "VerificationError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    assert_refused(qlower_cli("convert", str(tmp_path / "nope.onnx"), "-o", str(out)), "ModelLoadError", "no such file")
+    assert not out.exists()
+
+
+def test_not_onnx_and_truncated(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a model\x00\xff" * 10)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(EXAMPLE.read_bytes()[:5000])
+    for bad in (garbage, truncated):
+        out = tmp_path / f"{bad.stem}.out.onnx"
+        assert_refused(qlower_cli("convert", str(bad), "-o", str(out)), "ModelLoadError", str(bad))
+        assert not out.exists()
+
+
+def test_zero_scale_names_the_node(tmp_path: Path) -> None:
+    model = tmp_path / "zero_scale.onnx"
+    onnx.save(single_quant_model(0.0), str(model))
+    out = tmp_path / "out.onnx"
+    assert_refused(qlower_cli("convert", str(model), "-o", str(out)), "InvalidQuantizerError", "act_quant", "scale")
+    assert not out.exists()
+
+
+def test_dynamic_scale_names_the_node(tmp_path: Path) -> None:
+    model = tmp_path / "dynamic_scale.onnx"
+    onnx.save(single_quant_model(0.1, scale_is_input=True), str(model))
+    out = tmp_path / "out.onnx"
+    assert_refused(qlower_cli("convert", str(model), "-o", str(out)), "UnsupportedError", "act_quant", "run time")
+    assert not out.exists()
+
+
+def test_trunc_version_contradiction(tmp_path: Path) -> None:
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s", 0.5), ("z", 0.0), ("bi", 8.0), ("so", 1.0), ("bo", 4.0))]
+    node = helper.make_node("Trunc", ["x", "s", "z", "bi", "so", "bo"], ["y"], name="the_trunc", domain="qonnx.custom_op.general", rounding_mode="FLOOR")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)])
+    path, out = tmp_path / "trunc.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    assert_refused(qlower_cli("convert", str(path), "-o", str(out)), "InvalidModelError", "the_trunc", "version")
+    assert not out.exists()
+
+
+def test_output_must_not_overwrite_input(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(EXAMPLE.read_bytes())
+    proc = qlower_cli("convert", str(model), "-o", str(model))
+    assert proc.returncode == 2 and "overwrite" in proc.stderr
+    assert model.read_bytes() == EXAMPLE.read_bytes()
