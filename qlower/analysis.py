@@ -208,7 +208,7 @@ def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
     else:
         out_scale = None
         out_bits = _scalar_bit_width(node, _constant(node, 4, "output bit width"), "output bit width")
-        default_mode = "FLOOR"
+        default_mode = None  # required in both versions, as in QONNX and the reference executor
     for param, what in ((scale, "scale"), (zero_point, "zero point")):
         _check_broadcast(node, shape, param, what)
     if not np.all(np.isfinite(zero_point)):

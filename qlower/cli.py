@@ -87,7 +87,7 @@ def convert_command(
     try:
         if target_path.resolve() == model.resolve():
             raise QlowerError(f"{target_path}: the output would overwrite the input model")
-        feeds = load_inputs_npz(inputs) if inputs is not None else None
+        feeds = load_inputs_npz(inputs, model) if inputs is not None else None
         result = convert(
             model, to, output_path=target_path, opset=opset, verify_result=not no_verify,
             inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
@@ -126,7 +126,7 @@ def verify_command(
 ) -> None:
     """Check LOWERED against the QONNX reference running ORIGINAL; exit 1 on a mismatch."""
     try:
-        feeds = load_inputs_npz(inputs) if inputs is not None else None
+        feeds = load_inputs_npz(inputs, original) if inputs is not None else None
         report = verify(
             ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
             batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,

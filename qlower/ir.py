@@ -16,7 +16,7 @@ from typing import Union
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
 from .errors import InvalidModelError, ModelLoadError, UnsupportedError
 
@@ -125,6 +125,15 @@ def _check_structure(graph: onnx.GraphProto) -> None:
     _check_acyclic(graph)
 
 
+def _check_initializers(graph: onnx.GraphProto) -> None:
+    """Reject an initializer whose stored data does not match its declared shape and type."""
+    for init in graph.initializer:
+        try:
+            numpy_helper.to_array(init)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidModelError(f"initializer {init.name!r} is corrupt: {exc}") from None
+
+
 def _check_acyclic(graph: onnx.GraphProto) -> None:
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     consumers: dict[int, list[int]] = {i: [] for i in range(len(graph.node))}
@@ -209,6 +218,7 @@ def normalize(model: onnx.ModelProto, target_opset: int) -> onnx.ModelProto:
     if current > known:
         raise UnsupportedError(f"the model uses ONNX opset {current}, newer than the {known} this onnx knows")
     _check_structure(graph)
+    _check_initializers(graph)
     _check_trunc_versions(normalized)
     initializer_names = {init.name for init in graph.initializer}
     real_inputs = [value for value in graph.input if value.name not in initializer_names]
@@ -236,9 +246,16 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
             out = node.outputs[0]
             node.outputs.clear()
             replace_tensor(graph, out, gs.Constant(out.name, values))
+    taken = {node.name for node in graph.nodes if node.name}
     for index, node in enumerate(graph.nodes):
         if not node.name:
-            node.name = f"{node.op}_{index}"
+            # A generated name must not collide with one the model already uses.
+            name, suffix = f"{node.op}_{index}", 0
+            while name in taken:
+                suffix += 1
+                name = f"{node.op}_{index}_{suffix}"
+            node.name = name
+            taken.add(name)
     graph.cleanup(remove_unused_graph_inputs=False)
     return graph
 

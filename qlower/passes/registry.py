@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from .activation_qcdq import ActivationQCDQ
 from .base import GraphPass, QuantizerPass
+from .bias_accumulator_grid import BiasAccumulatorGrid
 from .bipolar_activation import BipolarActivation
 from .fold_constant_float import FoldConstantToFloat
 from .fold_constant_quantizer import FoldConstantQuantizer
+from .integer_passthrough import IntegerPassThrough
+from .qlinear_conv import QLinearConvPass
+from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
 from .trunc import TruncToFloatOps
 
@@ -26,7 +30,9 @@ _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
 
 _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
     "qcdq": (),
-    "qop": (),
+    # Integer-domain pass-through, biases on the accumulator grid, then the compute units;
+    # each step keeps the model exact, or within one LSB for the fused units.
+    "qop": (IntegerPassThrough(), BiasAccumulatorGrid(), QLinearConvPass(), QLinearMatMulPass()),
 }
 
 

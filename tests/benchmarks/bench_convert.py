@@ -25,7 +25,7 @@ import qlower
 from qlower.ir import is_qonnx_node
 
 ROOT = Path(__file__).resolve().parents[2]
-REPEATS = 5
+REPEATS = 3
 
 
 def deep_mlp(layers: int, width: int = 64) -> onnx.ModelProto:
@@ -75,7 +75,7 @@ def main() -> int:
         (path.stem, onnx.load(str(path))) for path in sorted((ROOT / "tests/data/zoo").glob("*.onnx"))
     ]
     models += [("mobilenet_style", onnx.load(str(ROOT / "examples/mobilenet_style.onnx")))]
-    models += [(f"deep_mlp_{n}", deep_mlp(n)) for n in (100, 400)]
+    models += [(f"deep_mlp_{n}", deep_mlp(n)) for n in (50, 200)]
     print(f"{'model':28} {'qlower ms':>10} {'qonnx ms':>10} {'ratio':>7}  qonnx leaves")
     ratios = []
     for name, model in models:

@@ -1,0 +1,503 @@
+"""Reading the QCDQ form back as integers: the matching vocabulary of the qop passes.
+
+After the quantizer passes every quantized tensor is ``DequantizeLinear(q, s, zp)``: an
+activation's ``q`` is a run-time uint8/int8 tensor, a weight's or bias's ``q`` an integer
+initializer (behind Brevitas's range Clip and any Transposes). The helpers here recover
+``(q, s, zp)`` and the quantizer after a compute op, and raise :class:`Refused` with a
+reason a user understands when a unit does not fit an integer operator. They only read
+the graph; the passes decide what to emit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+F32 = np.float32
+UINT8 = np.dtype(np.uint8)
+EIGHT_BIT = (np.dtype(np.int8), UINT8)
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# Largest int8 weight magnitude the u8s8 kernel of x86 CPUs without VNNI sums without
+# saturating: it adds pairs of u8*s8 products in int16 (255*64*2 < 2^15 <= 255*65*2).
+U8S8_SAFE_MAGNITUDE = 64
+
+
+class Refused(Exception):
+    """A unit does not fit an integer operator; the message is the reason for the report."""
+
+
+class UnitEmitter:
+    """Builds the nodes of one rewritten unit, named after its compute node."""
+
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.counter = 0
+
+    def constant(self, suffix: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{suffix}", np.array(value, order="C"))
+
+    def node(self, op: str, inputs: Sequence[gs.Tensor], dtype: np.dtype | type, attrs: dict[str, object] | None = None) -> gs.Variable:
+        """Append ``op`` with a new output tensor of ``dtype``."""
+        self.counter += 1
+        output = gs.Variable(f"{self.prefix}/{op}_{self.counter}:0", dtype=dtype)
+        self.write(op, inputs, output, attrs, name=f"{self.prefix}/{op}_{self.counter}")
+        return output
+
+    def write(self, op: str, inputs: Sequence[gs.Tensor], output: gs.Tensor, attrs: dict[str, object] | None = None, *, name: str) -> None:
+        """Append ``op`` named ``name``, writing into an existing tensor (a replaced node's output)."""
+        self.graph.nodes.append(gs.Node(op, name, attrs or {}, list(inputs), [output]))
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def only_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The one node reading ``tensor``; None when it fans out or is also a graph output."""
+    if len(tensor.outputs) != 1 or any(out is tensor for out in graph.outputs):
+        return None
+    return tensor.outputs[0]
+
+
+def detach(*nodes: gs.Node | None) -> None:
+    """Disconnect replaced nodes; the pipeline's cleanup removes them."""
+    for node in nodes:
+        if node is not None:
+            node.inputs.clear()
+            node.outputs.clear()
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    """A constant, or one node of constants (a folded weight behind its range Clip).
+
+    One level is enough: the pipeline folds deeper constant subgraphs before lowering,
+    and a bounded look keeps the passes linear on deep graphs.
+    """
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    return node is not None and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
+
+
+def scalar_constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a one-element constant as a 0-d array, else None."""
+    if not isinstance(tensor, gs.Constant) or tensor.values.size != 1:
+        return None
+    return np.asarray(tensor.values).reshape(())
+
+
+def _origin(tensor: gs.Tensor) -> str:
+    node = producer(tensor)
+    if node is None:
+        return "an unquantized graph input" if not isinstance(tensor, gs.Constant) else "a float constant"
+    if node.op == "Where":
+        return "Where (a 1-bit sign select, which has no integer container)"
+    return node.op
+
+
+# ---- activations ---------------------------------------------------------------------
+
+
+@dataclass
+class IntegerActivation:
+    """A run-time 8-bit tensor ``q`` with one scale and zero point: ``x = (q - zp) * s``."""
+
+    values: gs.Tensor
+    scale: np.ndarray  # 0-d float32
+    zero_point: np.ndarray  # 0-d, the container type
+    dq: gs.Node
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.zero_point.dtype
+
+    def as_uint8(self) -> IntegerActivation:
+        """The same activation once its int8 region is stored as uint8 (zero point + 128)."""
+        return IntegerActivation(self.values, self.scale, _uint8_zero_point(self.zero_point), self.dq)
+
+
+def integer_activation(tensor: gs.Tensor, what: str) -> IntegerActivation:
+    """``tensor`` as ``DequantizeLinear(q, s, zp)`` of a run-time 8-bit tensor, per-tensor."""
+    dq = producer(tensor)
+    if dq is None or dq.op != "DequantizeLinear":
+        raise Refused(f"{what} comes from {_origin(tensor)}, not from an integer (DequantizeLinear) tensor")
+    values = dq.inputs[0]
+    if is_constant(values):
+        raise Refused(f"{what} is a constant, not a run-time activation")
+    params = dq.inputs[1:3]
+    if len(params) != 2 or not all(isinstance(p, gs.Constant) for p in params):
+        raise Refused(f"{what}'s DequantizeLinear has no constant scale and zero point")
+    scale, zero_point = scalar_constant(params[0]), scalar_constant(params[1])
+    if scale is None or zero_point is None:
+        raise Refused(f"{what} has per-channel quantization parameters; QLinear operators take one scale per activation")
+    if zero_point.dtype not in EIGHT_BIT:
+        raise Refused(f"{what} is quantized to {zero_point.dtype}, wider than 8 bits")
+    return IntegerActivation(values, scale.astype(F32), zero_point, dq)
+
+
+# ---- one activation container: uint8 ----------------------------------------------
+#
+#   Q(x, s, zp, int8) -> [Clip(lo, hi)] -> [integer ops] -> DQ(s, zp)
+#     ==  Q(x, s, zp + 128, uint8) -> [Clip(lo + 128, hi + 128)] -> [integer ops] -> DQ(s, zp + 128)
+#
+# Bit-identical: QuantizeLinear adds the zero point after rounding and saturates, so every
+# integer moves by exactly 128, int8's saturation bounds become uint8's, and
+# (q + 128) - (zp + 128) == q - zp; MaxPool, Concat and the reshaping ops commute with
+# the shift. ORT's QLinear kernels want uint8 activations in and out (u8s8 or u8u8; s8s8
+# is several times slower). Only the regions a fused unit touches are shifted: the rest
+# of the graph keeps the portable QCDQ layout, because a uint8 Q/DQ invites ORT's own
+# fusions of the remaining float ops, some of which fail on edge cases (QGemm with int32
+# weights, QLinearAveragePool with extreme scale ratios).
+
+SHIFT = 128
+# Ops between a QuantizeLinear and its DequantizeLinears that carry the same integers.
+_INTEGER_DOMAIN_OPS = frozenset({"Clip", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat"})
+
+
+def _uint8_zero_point(zero_point: np.ndarray) -> np.ndarray:
+    if zero_point.dtype == UINT8:
+        return zero_point
+    return np.asarray(int(zero_point) + SHIFT, np.uint8)
+
+
+def _int8_parameters(node: gs.Node) -> list[int]:
+    """Inputs holding int8 parameters: a Clip's bounds, a Q's or DQ's zero point."""
+    positions = [1, 2] if node.op == "Clip" else [2] if node.op in ("QuantizeLinear", "DequantizeLinear") else []
+    return [i for i in positions if i < len(node.inputs) and node.inputs[i].name]
+
+
+@dataclass
+class Int8Region:
+    """Connected int8 activation integers: the QuantizeLinears that make them, the integer
+    ops between, the DequantizeLinears that read them. Shifting one part alone would break
+    the others, so a region moves to uint8 as a whole."""
+
+    nodes: list[gs.Node]
+    tensors: list[gs.Tensor]
+
+    def to_uint8(self) -> None:
+        """Shift in place; idempotent, so overlapping regions of one unit are safe."""
+        for node in self.nodes:
+            for i in _int8_parameters(node):
+                values = np.asarray(node.inputs[i].values)
+                if values.dtype == np.int8:
+                    node.inputs[i] = gs.Constant(f"{node.name}/input{i}_uint8", np.asarray(values.astype(np.int16) + SHIFT, np.uint8))
+        for tensor in self.tensors:
+            tensor.dtype = np.uint8
+
+
+def int8_region(graph: gs.Graph, start: gs.Tensor) -> Int8Region:
+    """The int8 region around ``start``, checked to be shiftable; Refused when it is not."""
+    nodes: dict[int, gs.Node] = {}
+    tensors: dict[int, gs.Tensor] = {}
+    pending = [start]
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in tensors:
+            continue
+        if any(out is tensor for out in graph.outputs):
+            raise Refused("an int8 activation is also a graph output, so it cannot move to uint8")
+        tensors[id(tensor)] = tensor
+        for node in [*tensor.inputs, *tensor.outputs]:
+            if id(node) in nodes:
+                continue
+            nodes[id(node)] = node
+            if node.op == "QuantizeLinear" and node.outputs[0] is tensor:
+                continue  # the region starts here
+            if node.op == "DequantizeLinear" and node.inputs[0] is tensor:
+                continue  # and ends here
+            if node.op not in _INTEGER_DOMAIN_OPS:
+                raise Refused(f"the int8 activation also feeds {node.op}, so it cannot move to uint8")
+            pending.extend(node.inputs if node.op == "Concat" else node.inputs[:1])
+            pending.extend(node.outputs)
+    for node in nodes.values():
+        for i in _int8_parameters(node):
+            parameter = node.inputs[i]
+            if not isinstance(parameter, gs.Constant) or parameter.values.dtype != np.int8 or parameter.values.size != 1:
+                raise Refused(f"{node.op} {node.name!r} has no per-tensor int8 constant to shift to uint8")
+    return Int8Region(list(nodes.values()), list(tensors.values()))
+
+
+def int8_regions(graph: gs.Graph, x: IntegerActivation, out: OutputQuantizer) -> list[Int8Region]:
+    """The int8 regions of a unit's input and output, which its rewrite moves to uint8."""
+    ends = ((x.values, x.dtype), (out.output, out.zero_point.dtype))
+    return [int8_region(graph, tensor) for tensor, dtype in ends if dtype == np.int8]
+
+
+# ---- constant weights and biases ------------------------------------------------------
+
+
+@dataclass
+class IntegerWeight:
+    """Constant 8-bit integers with their scale and zero point (0-d, or 1-d along ``axis``)."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+    def transposed(self, perm: list[int]) -> IntegerWeight:
+        axis = None if self.axis is None else perm.index(self.axis)
+        return IntegerWeight(np.ascontiguousarray(self.values.transpose(perm)), self.scale, self.zero_point, axis)
+
+    def u8s8_safe(self) -> tuple[IntegerWeight, str | None]:
+        """Store int8 weights above magnitude 64 as uint8 (zp + 128), with a note saying why.
+
+        ``(w + 128) - (zp + 128) == w - zp``, so the result is identical; ORT then uses its
+        u8u8 kernel, which cannot overflow, instead of u8s8, which saturates on x86 CPUs
+        without VNNI when a pair of products exceeds int16 (errors up to 255 LSB).
+        """
+        largest = int(np.abs(self.values.astype(np.int32)).max(initial=0))
+        if self.values.dtype != np.int8 or largest <= U8S8_SAFE_MAGNITUDE:
+            return self, None
+        shifted = IntegerWeight(
+            (self.values.astype(np.int16) + 128).astype(np.uint8),
+            self.scale,
+            (self.zero_point.astype(np.int16) + 128).astype(np.uint8),
+            self.axis,
+        )
+        note = (
+            f"int8 weights reach |w| = {largest} > {U8S8_SAFE_MAGNITUDE} and would overflow ORT's u8s8 kernel on x86 "
+            "without VNNI: stored as uint8 (zero point +128) for the exact, slower u8u8 kernel"
+        )
+        return shifted, note
+
+
+def check_accumulator(x: IntegerActivation, weight: IntegerWeight, output_axis: int, bias: np.ndarray | None) -> None:
+    """Refuse a unit whose int32 accumulator plus bias could wrap around for some input.
+
+    The worst case per output channel is ``max|x - zx| * sum |w - zw|`` over the channel's
+    weights, plus ``|bias|``; the float model never wraps, so anything beyond int32 is
+    refused rather than risked.
+    """
+    info = np.iinfo(x.dtype)
+    x_span = max(int(x.zero_point) - int(info.min), int(info.max) - int(x.zero_point))
+    zero_point = weight.zero_point.astype(np.int64)
+    if weight.axis is not None:
+        shape = [1] * weight.values.ndim
+        shape[weight.axis] = -1
+        zero_point = zero_point.reshape(shape)
+    magnitude = np.abs(weight.values.astype(np.int64) - zero_point)
+    reduced = tuple(axis for axis in range(weight.values.ndim) if axis != output_axis)
+    worst = magnitude.sum(axis=reduced) * x_span + (np.abs(bias.astype(np.int64)) if bias is not None else 0)
+    if np.any(worst > INT32_MAX):
+        raise Refused(
+            f"the int32 accumulator could overflow (worst case {int(np.max(worst))} > 2^31 - 1 with the bias); "
+            "the float model does not wrap"
+        )
+
+
+def integer_weight(tensor: gs.Tensor) -> IntegerWeight:
+    """A weight input as integers: ``[Transpose ->] DequantizeLinear([Clip](int constant))``."""
+    perms: list[list[int] | None] = []
+    node = producer(tensor)
+    while node is not None and node.op == "Transpose":
+        perms.append(node.attrs.get("perm"))
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    if node is None or node.op != "DequantizeLinear":
+        raise Refused(f"the weight comes from {_origin(tensor)}, not from a quantized constant")
+    stored, bounds = node.inputs[0], []
+    clip = producer(stored)
+    if clip is not None and clip.op == "Clip":
+        stored, bounds = clip.inputs[0], [scalar_constant(t) for t in clip.inputs[1:3]]
+    params = node.inputs[1:3]
+    if not isinstance(stored, gs.Constant) or len(params) != 2 or not all(isinstance(p, gs.Constant) for p in params):
+        raise Refused("the weight is computed at run time; integer operators need a constant weight")
+    values = np.asarray(stored.values)
+    if values.dtype not in EIGHT_BIT:
+        raise Refused(f"the weight is stored as {values.dtype}: wider than 8 bits")
+    # The Clip is Brevitas's range marker (a no-op on folded weights); applying it keeps
+    # the graph's exact meaning whatever produced the integers.
+    for index, bound in enumerate(bounds):
+        if bound is not None:
+            values = np.maximum(values, bound) if index == 0 else np.minimum(values, bound)
+    scale = np.asarray(params[0].values, F32)
+    zero_point = np.asarray(params[1].values)
+    if scale.size == 1 and zero_point.size == 1:
+        weight = IntegerWeight(values, scale.reshape(()), zero_point.reshape(()), None)
+    else:
+        weight = IntegerWeight(values, scale.reshape(-1), zero_point.reshape(-1), int(node.attrs.get("axis", 1)) % values.ndim)
+    for perm in reversed(perms):  # innermost (nearest the DequantizeLinear) first
+        weight = weight.transposed(list(perm) if perm is not None else list(range(values.ndim))[::-1])
+    return weight
+
+
+def constant_float(tensor: gs.Tensor) -> np.ndarray | None:
+    """The float32 values a constant tensor (or DequantizeLinear of one) holds, else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values, F32)
+    node = producer(tensor)
+    if node is None or node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs):
+        return None
+    stored = np.asarray(node.inputs[0].values)
+    scale = np.asarray(node.inputs[1].values, F32)
+    zero_point = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else np.zeros((), stored.dtype)
+    if scale.size > 1:  # per-axis: line the parameters up with their axis
+        shape = [1] * stored.ndim
+        shape[int(node.attrs.get("axis", 1)) % stored.ndim] = scale.size
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    # DequantizeLinear: (q - zp) in integers, converted to float, times the scale.
+    return ((stored.astype(np.int64) - zero_point.astype(np.int64)).astype(F32) * scale).astype(F32)
+
+
+def accumulator_bias(tensor: gs.Tensor, accumulator_scale: np.ndarray) -> np.ndarray:
+    """A bias as int32 multiples of ``accumulator_scale`` (= float32(s_x * s_w)).
+
+    Accepted when ``DequantizeLinear(b_int32, accumulator_scale)`` gives back every bias
+    value bit for bit, so the integer accumulator plus the bias means exactly what the
+    float Conv/Gemm plus the bias meant. Brevitas's int32 bias at scale s_x*s_w passes
+    as is; a bias on a coarser power-of-two grid (QKeras) is rescaled exactly.
+    """
+    bias = constant_float(tensor)
+    if bias is None:
+        raise Refused(f"the bias comes from {_origin(tensor)}, not from a constant")
+    dq = producer(tensor)
+    if dq is not None and len(dq.inputs) > 2:
+        stored, scale, zero_point = (np.asarray(t.values) for t in dq.inputs[:3])
+        aligned = scale.size == 1 or stored.ndim == 1  # a per-axis scale lines up with a vector bias
+        if stored.dtype == np.int32 and not np.any(zero_point) and aligned and _equal(scale, accumulator_scale):
+            return stored  # already int32 on the accumulator grid, as Brevitas exports it
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        units = np.rint(bias.astype(np.float64) / accumulator_scale.astype(np.float64))
+    if not np.all(np.isfinite(units)) or np.any(units < INT32_MIN) or np.any(units > INT32_MAX):
+        raise Refused("the bias does not fit int32 at the accumulator scale s_x*s_w")
+    candidate = units.astype(np.int32)
+    if not np.array_equal((candidate.astype(F32) * accumulator_scale).astype(F32), np.broadcast_to(bias, candidate.shape)):
+        raise Refused("the bias is not a whole multiple of the accumulator scale s_x*s_w, so no int32 bias equals it")
+    return candidate
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal after broadcasting; False when the shapes do not broadcast."""
+    try:
+        return bool(np.all(np.asarray(a, F32) == np.asarray(b, F32)))
+    except ValueError:
+        return False
+
+
+# ---- the quantizer after a compute op -------------------------------------------------
+
+
+@dataclass
+class OutputQuantizer:
+    """The 8-bit requantization of a unit's result: ``q = saturate(round(y/s) + zp)``.
+
+    ``nodes`` (a QuantizeLinear, or ``Div(s) -> Add(zp) -> QuantizeLinear(1, zq)``, the
+    form the QCDQ passes emit for non-zero zero points) are what an integer operator's own
+    requantization replaces; ``output`` is their integer result, which keeps its consumers.
+    """
+
+    nodes: list[gs.Node]
+    output: gs.Tensor
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+    def as_uint8(self) -> OutputQuantizer:
+        """The same quantizer once its int8 region is stored as uint8 (zero point + 128)."""
+        return OutputQuantizer(self.nodes, self.output, self.scale, _uint8_zero_point(self.zero_point))
+
+
+def output_quantizer(graph: gs.Graph, tensor: gs.Tensor) -> OutputQuantizer:
+    """Match the quantizer that is the only consumer of a unit's float result."""
+    node = only_consumer(graph, tensor)
+    if node is None:
+        used = "is a graph output" if any(out is tensor for out in graph.outputs) else f"feeds {len(tensor.outputs)} nodes"
+        raise Refused(f"the result {used} without being requantized")
+    if node.op == "QuantizeLinear" and node.inputs[0] is tensor:
+        zero_point = scalar_constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        return _output([node], scalar_constant(node.inputs[1]), zero_point)
+    if node.op != "Div" or node.inputs[0] is not tensor:
+        raise Refused(f"the result goes through {node.op} before it is quantized")
+    nodes = [node]
+    offset: np.ndarray | None = np.zeros((), F32)
+    after = only_consumer(graph, node.outputs[0])
+    if after is not None and after.op == "Add":
+        nodes.append(after)
+        offset = scalar_constant(after.inputs[1] if after.inputs[0] is node.outputs[0] else after.inputs[0])
+        after = only_consumer(graph, after.outputs[0])
+    if after is None or after.op != "QuantizeLinear":
+        path = " -> ".join(n.op for n in nodes) + (f" -> {after.op}" if after is not None else "")
+        raise Refused(
+            f"the result is requantized by float ops ({path}: the exact float path, or a container wider "
+            "than 8 bits), not by an 8-bit QuantizeLinear"
+        )
+    nodes.append(after)
+    unit_scale = scalar_constant(after.inputs[1])
+    inner = scalar_constant(after.inputs[2]) if len(after.inputs) > 2 else None
+    if unit_scale is None or float(unit_scale) != 1.0 or offset is None or inner is None:
+        raise Refused("the result's Div -> Add -> QuantizeLinear is not the zero-point form (scale 1, constant zero point)")
+    if float(offset) != round(float(offset)):
+        raise Refused(f"the result's zero point {float(offset):g} is not an integer")
+    # QuantizeLinear(y/s + zp, 1, zq) is QuantizeLinear(y, s, zp + zq) up to float rounding.
+    return _output(nodes, scalar_constant(node.inputs[1]), np.asarray(int(offset) + int(inner)), inner.dtype)
+
+
+def _output(
+    nodes: list[gs.Node], scale: np.ndarray | None, zero_point: np.ndarray | None, dtype: np.dtype | None = None
+) -> OutputQuantizer:
+    if scale is None or zero_point is None:
+        raise Refused("the result's quantizer has per-channel or non-constant parameters; QLinear outputs take one scale")
+    container = np.dtype(dtype or zero_point.dtype)
+    if container not in EIGHT_BIT:
+        raise Refused(f"the result is quantized to {container}, wider than 8 bits")
+    info = np.iinfo(container)
+    if not info.min <= int(zero_point) <= info.max:
+        raise Refused(f"the result's zero point {int(zero_point)} does not fit {container}")
+    return OutputQuantizer(nodes, nodes[-1].outputs[0], np.asarray(scale, F32), np.asarray(int(zero_point), container))
+
+
+def check_requantization(accumulator_scale: np.ndarray, out: OutputQuantizer) -> None:
+    """Refuse an output step no coarser than the accumulator step (multiplier >= 1).
+
+    Real layers requantize by s_x*s_w/s_y << 1. At 1 or more the output resolves single
+    accumulator steps, where the float reference's own rounding of the sum (a relative
+    2^-24 per operation) can move its result by whole output steps; the exact integer sum
+    then cannot promise to stay within one LSB of it, while the QCDQ form matches it.
+    """
+    finest = float(np.max(accumulator_scale))
+    if finest >= float(out.scale):
+        raise Refused(
+            f"the output step {float(out.scale):g} is not coarser than the accumulator step s_x*s_w = {finest:g}; "
+            "float rounding in the reference decides outputs at that resolution"
+        )
+
+
+def skip_relu(graph: gs.Graph, tensor: gs.Tensor) -> tuple[gs.Node | None, gs.Tensor]:
+    """The Relu that alone consumes ``tensor`` (and its output), or (None, ``tensor``)."""
+    node = only_consumer(graph, tensor)
+    if node is not None and node.op == "Relu":
+        return node, node.outputs[0]
+    return None, tensor
+
+
+def requantized_output(em: UnitEmitter, out: OutputQuantizer, relu: bool) -> tuple[gs.Tensor, str]:
+    """Where the integer operator writes, and the range note for the report.
+
+    ``Relu`` before the quantizer is ``max(q, zp)`` after it (quantization is monotone and
+    maps 0 to zp), so it becomes the lower bound of an integer Clip: an existing range
+    Clip (sub-8-bit outputs keep theirs) is tightened, otherwise one is added. When zp is
+    the container's minimum the Relu is already implied by saturation.
+    """
+    zero_point = out.zero_point
+    if not relu or int(zero_point) == int(np.iinfo(zero_point.dtype).min):
+        return out.output, "Relu implied by saturation" if relu else ""
+    clip = only_consumer(em.graph, out.output)
+    low = scalar_constant(clip.inputs[1]) if clip is not None and clip.op == "Clip" and len(clip.inputs) > 1 else None
+    if clip is not None and low is not None and low.dtype == zero_point.dtype:
+        tightened = max(int(low), int(zero_point))
+        clip.inputs[1] = em.constant("relu_low", np.asarray(tightened, zero_point.dtype))
+        return out.output, f"Relu folded into the range Clip (low {tightened})"
+    raw = gs.Variable(f"{em.prefix}/requantized", dtype=zero_point.dtype)
+    high = np.asarray(np.iinfo(zero_point.dtype).max, zero_point.dtype)
+    em.write("Clip", [raw, em.constant("relu_low", zero_point), em.constant("relu_high", high)], out.output, name=f"{em.prefix}/relu_clip")
+    return raw, f"Relu folded into Clip[{int(zero_point)},{int(high)}]"
+
+
+def describe_weight(weight: IntegerWeight) -> str:
+    layout = "per-tensor" if weight.axis is None else f"per-channel (axis {weight.axis})"
+    return f"{weight.values.dtype} {layout} weights"

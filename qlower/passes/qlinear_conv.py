@@ -1,0 +1,116 @@
+"""Fold a quantized Conv unit into QLinearConv.
+
+    DQ(x; sx, zx), DQ(w; sw, zw) [, DQ(b; sx*sw)] -> Conv -> [Relu] -> Q(sy, zy)
+      ==>  QLinearConv(x, sx, zx, w, sw, zw, sy, zy [, b]) -> [Clip(max(lo, zy), hi)]
+
+QLinearConv accumulates ``sum (x - zx)(w - zw) + b`` exactly in int32 and requantizes
+once with ``sx*sw/sy``; the float reference rounds the float Conv's result, so the two
+can differ by one step where that result lies within float error of a rounding tie.
+Weights per tensor or per output channel (axis 0), any group count and spatial rank.
+ConvTranspose has no integer ONNX operator and is reported, left as QCDQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import GraphPass, LoweringContext, UnitRecord
+from .integer_units import (
+    F32,
+    Int8Region,
+    IntegerActivation,
+    IntegerWeight,
+    OutputQuantizer,
+    Refused,
+    UnitEmitter,
+    accumulator_bias,
+    check_accumulator,
+    check_requantization,
+    describe_weight,
+    detach,
+    int8_regions,
+    integer_activation,
+    integer_weight,
+    output_quantizer,
+    requantized_output,
+    skip_relu,
+)
+
+
+@dataclass
+class ConvUnit:
+    conv: gs.Node
+    x: IntegerActivation
+    weight: IntegerWeight
+    bias: np.ndarray | None  # int32 [O] at scale float32(sx * sw)
+    relu: gs.Node | None
+    out: OutputQuantizer
+    int8_regions: list[Int8Region]  # moved to uint8 by the rewrite
+
+
+def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
+    """Every check, before anything changes; Refused names the first that fails."""
+    if conv.op == "ConvTranspose":
+        raise Refused("ONNX has no integer ConvTranspose (no QLinearConvTranspose); the unit stays QCDQ")
+    x = integer_activation(conv.inputs[0], "the input")
+    weight = integer_weight(conv.inputs[1])
+    if weight.axis not in (None, 0):
+        raise Refused(f"the weight scale varies along axis {weight.axis}; QLinearConv takes per-output-channel scales (axis 0) only")
+    accumulator_scale = (F32(x.scale) * weight.scale).astype(F32)
+    bias = None
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        bias = np.broadcast_to(accumulator_bias(conv.inputs[2], accumulator_scale), (weight.values.shape[0],)).astype(np.int32)
+    check_accumulator(x, weight, 0, bias)
+    relu, result = skip_relu(graph, conv.outputs[0])
+    out = output_quantizer(graph, result)
+    check_requantization(accumulator_scale, out)
+    return ConvUnit(conv, x, weight, bias, relu, out, int8_regions(graph, x, out))
+
+
+class QLinearConvPass(GraphPass):
+    name = "qlinear_conv"
+    matches = "DQ(x u8), DQ(int8/uint8 weight) [, int32 bias] -> Conv -> [Relu] -> Q(u8) -> [Clip]; ConvTranspose (reported)"
+    emits = "QLinearConv(x, sx, zx, w, sw, zw, sy, zy [, bias]) -> [integer Clip]"
+
+    def run(self, ctx: LoweringContext) -> list[UnitRecord]:
+        records = []
+        for node in [n for n in ctx.graph.nodes if n.op in ("Conv", "ConvTranspose")]:
+            try:
+                unit = match_conv(ctx.graph, node)
+            except Refused as refused:
+                records.append(UnitRecord(node.name, node.op, self.name, None, str(refused)))
+                continue
+            became, note = self._rewrite(ctx.graph, unit)
+            records.append(UnitRecord(node.name, "Conv", self.name, became, note))
+        return records
+
+    def _rewrite(self, graph: gs.Graph, unit: ConvUnit) -> tuple[str, str | None]:
+        name = unit.conv.name
+        em = UnitEmitter(graph, name)
+        weight, note = unit.weight.u8s8_safe()
+        for region in unit.int8_regions:
+            region.to_uint8()
+        x, out = unit.x.as_uint8(), unit.out.as_uint8()
+        attrs = dict(unit.conv.attrs)
+        detach(unit.conv, unit.relu, *out.nodes)
+        target, range_note = requantized_output(em, out, relu=unit.relu is not None)
+        inputs: list[gs.Tensor] = [
+            x.values,
+            em.constant("x_scale", x.scale),
+            em.constant("x_zero_point", x.zero_point),
+            em.constant("w_quantized", weight.values),
+            em.constant("w_scale", weight.scale),
+            em.constant("w_zero_point", weight.zero_point),
+            em.constant("y_scale", out.scale),
+            em.constant("y_zero_point", out.zero_point),
+        ]
+        if unit.bias is not None:
+            inputs.append(em.constant("bias_int32", unit.bias))
+        em.write("QLinearConv", inputs, target, attrs, name=name)
+        parts = [f"QLinearConv (uint8 x, {describe_weight(weight)}, uint8 y" + (", int32 bias)" if unit.bias is not None else ")")]
+        if range_note:
+            parts.append(range_note)
+        return "; ".join(parts), note

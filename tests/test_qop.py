@@ -1,0 +1,464 @@
+"""``--to qop``: quantized compute units become QLinearConv / QLinearMatMul (MatMulInteger
+with a bias), the rest stays exact QCDQ, and every result verifies within one LSB."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qlower
+from qlower.ir import OP_ALIASES, is_qonnx_node
+from qlower.verify import make_inputs
+
+from paths import BREVITAS_DIR, BREVITAS_MANIFEST, ZOO_MODELS
+
+QONNX = "qonnx.custom_op.general"
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger")
+FIXTURES = [BREVITAS_DIR / entry["qonnx"] for entry in BREVITAS_MANIFEST]
+ALL_MODELS = ZOO_MODELS + FIXTURES
+
+
+# ---- tiny QONNX units: Quant(x) -> op(Quant(W) [, Quant(B)]) -> [Relu] -> Quant(y) -------
+
+
+class UnitBuilder:
+    """Collects nodes and initializers for one hand-built QONNX compute unit."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray | float) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def quant(self, name: str, source: str, scale: np.ndarray | float, zero_point: np.ndarray | float, bits: float,
+              signed: int = 1, narrow: int = 0, rounding_mode: str = "ROUND") -> str:
+        inputs = [source, self.const(f"{name}_s", scale), self.const(f"{name}_z", zero_point), self.const(f"{name}_b", bits)]
+        self.nodes.append(helper.make_node("Quant", inputs, [f"{name}_out"], name=name, domain=QONNX,
+                                           signed=signed, narrow=narrow, rounding_mode=rounding_mode))
+        return f"{name}_out"
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def model(self, x_shape: tuple[int, ...], output: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "unit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX, 1)])
+        model.ir_version = 8
+        return model
+
+
+def unit_model(
+    op: str,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    *,
+    attrs: dict[str, object] | None = None,
+    x_signed: int = 1,
+    w_bits: int = 7,
+    w_per_channel_axis: int | None = None,
+    bias: bool = True,
+    bias_scale_factor: float = 1.0,
+    bias_multiples: list[int] | None = None,
+    relu: bool = False,
+    between: str | None = None,
+    y_bits: float = 8,
+    y_signed: int = 0,
+    y_scale: np.ndarray | float = 0.05,
+    y_zero_point: float = 0.0,
+    y_rounding: str = "ROUND",
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """``Quant(x) -> op(x, Quant(W) [, Quant(B)]) -> [Relu] -> [between] -> Quant(y)``.
+
+    Weights are random grid points, per tensor or with scales along ``w_per_channel_axis``;
+    the bias is an int32-range Quant at ``bias_scale_factor * s_x * s_w`` (factor 1 is
+    Brevitas's layout) of ``bias_multiples`` (default random). MatMul takes its bias as a
+    following Add.
+    """
+    rng = np.random.default_rng(seed)
+    b = UnitBuilder()
+    sx = np.float32(0.04)
+    x = b.quant("qx", "x", sx, 0.0, 8, signed=x_signed)
+    q_max = 2 ** (w_bits - 1) - 1
+    if w_per_channel_axis is None:
+        sw = np.float32(0.01)
+        sw_broadcast = sw
+    else:
+        sw = (rng.uniform(0.005, 0.02, w_shape[w_per_channel_axis])).astype(np.float32)
+        shape = [1] * len(w_shape)
+        shape[w_per_channel_axis] = -1
+        sw_broadcast = sw.reshape(shape)
+    weights = (rng.integers(-q_max, q_max + 1, w_shape) * sw_broadcast).astype(np.float32)
+    w = b.quant("qw", b.const("W", weights), sw_broadcast, 0.0, w_bits, narrow=1)
+    out_channels = w_shape[0] if op in ("Conv", "ConvTranspose") or (attrs or {}).get("transB") else w_shape[-1]
+    inputs = [x, w]
+    bias_name = None
+    if bias:
+        accumulator = (sx * np.asarray(sw, np.float32)).astype(np.float32) * np.float32(bias_scale_factor)
+        multiples = rng.integers(-300, 300, out_channels) if bias_multiples is None else np.asarray(bias_multiples, np.float64)
+        values = (multiples * accumulator).astype(np.float32)
+        bias_name = b.quant("qb", b.const("B", values), accumulator, 0.0, 32)
+        if op != "MatMul":
+            inputs.append(bias_name)
+    y = b.node(op, inputs, "compute", **(attrs or {}))
+    if op == "MatMul" and bias_name is not None:
+        y = b.node("Add", [y, bias_name], "bias_add")
+    if relu:
+        y = b.node("Relu", [y], "relu")
+    if between is not None:
+        y = b.node(between, [y], "between")
+    y = b.quant("qy", y, y_scale, y_zero_point, y_bits, signed=y_signed, rounding_mode=y_rounding)
+    return b.model(x_shape, y)
+
+
+def convert_qop(model: onnx.ModelProto) -> qlower.ConversionResult:
+    """Convert with verification (which raises above one LSB) and check the bound again."""
+    result = qlower.convert(model, to="qop", batches=4)
+    verification = result.report.verification
+    assert verification is not None and verification.passed, verification.failures
+    for row in verification.outputs:
+        assert row.max_lsb_diff is None or row.max_lsb_diff <= 1.0, row
+    return result
+
+
+def nodes_of(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def unit_record(result: qlower.ConversionResult, node: str = "compute") -> dict[str, object]:
+    return next(u for u in result.report.unit_records if u["node"] == node and u["pass"].startswith("qlinear"))
+
+
+# ---- single units ------------------------------------------------------------------
+
+
+CONVS = {
+    "conv2d": ((2, 3, 8, 8), (4, 3, 3, 3), {}),
+    "conv1d": ((2, 3, 10), (4, 3, 3), {}),
+    "conv3d": ((1, 2, 5, 5, 5), (3, 2, 3, 3, 3), {}),
+    "depthwise": ((2, 4, 6, 6), (4, 1, 3, 3), {"group": 4}),
+    "grouped_strided_padded": ((2, 4, 7, 7), (6, 2, 3, 3), {"group": 2, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+}
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("case", CONVS, ids=str)
+def test_conv_becomes_qlinearconv(case: str, per_channel: bool) -> None:
+    x_shape, w_shape, attrs = CONVS[case]
+    result = convert_qop(unit_model("Conv", x_shape, w_shape, attrs=attrs, w_per_channel_axis=0 if per_channel else None))
+    model = result.model
+    assert not nodes_of(model, "Conv")
+    (conv,) = nodes_of(model, "QLinearConv")
+    x_zp, w, w_scale, w_zp, y_zp, bias = (init(model, conv.input[i]) for i in (2, 3, 4, 5, 7, 8))
+    assert x_zp.dtype == np.uint8 and int(x_zp) == 128  # signed int8 input, shifted bit-identically
+    assert w.dtype == np.int8 and w.shape == w_shape and not np.any(w_zp)
+    assert w_scale.shape == ((w_shape[0],) if per_channel else ())
+    assert y_zp.dtype == np.uint8 and int(y_zp) == 0
+    assert bias.dtype == np.int32 and bias.shape == (w_shape[0],)
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}.get("group", 1) == attrs.get("group", 1)
+    assert unit_record(result)["became"].startswith("QLinearConv")
+
+
+@pytest.mark.parametrize(
+    "op, x_shape, w_shape, attrs, bias, per_channel_axis, expected",
+    [
+        ("MatMul", (2, 5, 16), (16, 8), {}, False, 1, "QLinearMatMul"),
+        ("MatMul", (3, 16), (16, 8), {}, True, None, "MatMulInteger"),
+        ("Gemm", (3, 16), (8, 16), {"transB": 1}, True, 0, "MatMulInteger"),
+        ("Gemm", (16, 3), (16, 8), {"transA": 1}, False, None, "QLinearMatMul"),
+    ],
+    ids=["matmul_3d_per_column", "matmul_add_bias", "gemm_transB_bias_per_channel", "gemm_transA"],
+)
+def test_matmul_and_gemm(op: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], attrs: dict[str, object],
+                         bias: bool, per_channel_axis: int | None, expected: str) -> None:
+    model = unit_model(op, x_shape, w_shape, attrs=attrs, bias=bias, w_per_channel_axis=per_channel_axis)
+    result = convert_qop(model)
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert ops[expected] == 1 and not ops["MatMul"] and not ops["Gemm"]
+    (node,) = nodes_of(result.model, expected)
+    weight_position = 3 if expected == "QLinearMatMul" else 1
+    w = init(result.model, node.input[weight_position])
+    assert w.dtype == np.int8 and w.shape == (16, 8)  # Gemm's transB folded into [K, N]
+    if per_channel_axis is not None:
+        w_zp = init(result.model, node.input[5 if expected == "QLinearMatMul" else 3])
+        assert w_zp.shape == (8,)  # per output column
+    if expected == "MatMulInteger":
+        (add,) = [n for n in result.model.graph.node if n.op_type == "Add" and n.input[0] == node.output[0]]
+        assert init(result.model, add.input[1]).dtype == np.int32
+    if attrs.get("transA"):
+        (transpose,) = nodes_of(result.model, "Transpose")
+        assert transpose.output[0] == node.input[0]
+
+
+def test_relu_folds_into_the_integer_clip() -> None:
+    # Unsigned output, zero point 0: Relu is uint8 saturation, nothing to emit.
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), relu=True))
+    assert not nodes_of(result.model, "Relu") and not nodes_of(result.model, "Clip")
+    assert "implied by saturation" in unit_record(result)["became"]
+    # Signed 8-bit output (uint8, zero point 128): Relu becomes Clip[128, 255] after QLinearConv.
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), relu=True, y_signed=1))
+    (conv,), (clip,) = nodes_of(result.model, "QLinearConv"), nodes_of(result.model, "Clip")
+    assert clip.input[0] == conv.output[0] and not nodes_of(result.model, "Relu")
+    assert (int(init(result.model, clip.input[1])), int(init(result.model, clip.input[2]))) == (128, 255)
+    # Signed 4-bit output: the range Clip stays and its lower bound becomes the zero point.
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), relu=True, y_signed=1, y_bits=4))
+    (clip,) = nodes_of(result.model, "Clip")
+    assert (int(init(result.model, clip.input[1])), int(init(result.model, clip.input[2]))) == (128, 135)
+
+
+def test_sub_8_bit_output_keeps_its_integer_clip() -> None:
+    result = convert_qop(unit_model("MatMul", (3, 16), (16, 8), bias=False, y_bits=3))
+    (matmul,), (clip,) = nodes_of(result.model, "QLinearMatMul"), nodes_of(result.model, "Clip")
+    assert clip.input[0] == matmul.output[0]
+    assert (int(init(result.model, clip.input[1])), int(init(result.model, clip.input[2]))) == (0, 7)
+
+
+def test_output_zero_point_form_is_folded() -> None:
+    """The QCDQ passes emit Div -> Add(zp) -> Q(1, 0) for a non-zero zero point."""
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), y_zero_point=37.0, y_scale=0.02))
+    (conv,) = nodes_of(result.model, "QLinearConv")
+    assert int(init(result.model, conv.input[7])) == 37
+    assert not nodes_of(result.model, "Div") and not nodes_of(result.model, "Add")
+
+
+def test_wide_int8_weights_use_the_overflow_safe_kernel() -> None:
+    """|w| > 64 overflows ORT's u8s8 kernel on x86 without VNNI: store uint8 (zp + 128)."""
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=8))
+    (conv,) = nodes_of(result.model, "QLinearConv")
+    w, w_zp = init(result.model, conv.input[3]), init(result.model, conv.input[5])
+    assert w.dtype == np.uint8 and int(w_zp) == 128 and int(np.abs(w.astype(int) - 128).max()) > 64
+    assert "u8s8" in unit_record(result)["reason"]
+    # Seven bits never exceed 64: int8 weights (the fast u8s8 kernel), no note.
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=7))
+    assert init(result.model, nodes_of(result.model, "QLinearConv")[0].input[3]).dtype == np.int8
+    assert unit_record(result)["reason"] is None
+
+
+def test_bias_on_a_coarser_grid_is_rescaled_exactly() -> None:
+    """A bias at 4 * s_x*s_w (QKeras-style) is an exact int32 at s_x*s_w."""
+    result = convert_qop(unit_model("Gemm", (3, 16), (8, 16), attrs={"transB": 1}, bias_scale_factor=4.0))
+    assert nodes_of(result.model, "MatMulInteger")
+    assert any(u["pass"] == "bias_accumulator_grid" and u["became"] for u in result.report.unit_records)
+
+
+FALLBACKS = {
+    "convtranspose": (dict(op="ConvTranspose", x_shape=(1, 4, 5, 5), w_shape=(4, 4, 3, 3)), "no integer ConvTranspose"),
+    "gemm_alpha": (dict(op="Gemm", x_shape=(3, 16), w_shape=(16, 8), attrs={"alpha": 0.5}), "alpha"),
+    "float_op_before_quantizer": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), between="Sigmoid"), "Sigmoid"),
+    "16_bit_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), y_bits=16), "float ops"),
+    "floor_rounding_output": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_rounding="FLOOR"), "float ops"),
+    "per_channel_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3),
+                                y_scale=np.full((1, 4, 1, 1), 0.05, np.float32)), "per-channel"),
+    "bias_off_grid": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), bias_scale_factor=1.37), "whole multiple"),
+    "output_finer_than_accumulator": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_scale=1e-6), "not coarser"),
+    "accumulator_overflow": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3),
+                                  bias_multiples=[2**31 - 1024, 5, -5, 0]), "overflow"),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS, ids=str)
+def test_unsupported_units_stay_exact_qcdq_with_a_reason(case: str) -> None:
+    kwargs, reason = FALLBACKS[case]
+    op = kwargs.pop("op")
+    model = unit_model(op, kwargs.pop("x_shape"), kwargs.pop("w_shape"), **kwargs)
+    result = qlower.convert(model, to="qop", batches=4, verify_result=False)
+    record = unit_record(result)
+    assert record["became"] is None and reason in str(record["reason"])
+    assert not any(n.op_type in INTEGER_OPS for n in result.model.graph.node)
+    assert nodes_of(result.model, op)
+    # Still the exact QCDQ lowering: bit-identical to the reference without ORT's fusions.
+    report = qlower.verify(model, result.model, target="qcdq", batches=4, check_optimized=False)
+    assert report.passed, report.failures
+
+
+def test_integer_passthrough_reaches_the_next_unit() -> None:
+    """Quant -> MaxPool -> Flatten -> Clip -> Gemm: the ops move onto the integers, the
+    Gemm fuses, and the whole integer region between them becomes uint8 (zero point 128)."""
+    b = UnitBuilder()
+    x = b.quant("qx", "x", 0.05, 0.0, 8, signed=1)
+    pooled = b.node("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    flat = b.node("Flatten", [pooled], "flat")
+    clipped = b.node("Clip", [flat, b.const("lo", 0.0), b.const("hi", 0.05 * 40)], "clip")  # on the grid
+    w = b.quant("qw", b.const("W", np.random.default_rng(1).integers(-60, 61, (8, 48)) * 0.01), 0.01, 0.0, 8, narrow=1)
+    y = b.quant("qy", b.node("Gemm", [clipped, w], "compute", transB=1), 0.1, 0.0, 8, signed=0)
+    result = convert_qop(b.model((2, 3, 8, 8), y))
+    moved = {u["node"]: u["became"] for u in result.report.unit_records if u["pass"] == "integer_passthrough"}
+    assert moved["pool"].startswith("MaxPool on int8") and moved["flat"].startswith("Flatten on int8")
+    assert moved["clip"].startswith("integer Clip[0,40]")
+    (gemm,) = nodes_of(result.model, "QLinearMatMul")
+    assert gemm.input[0] == "clip/integers" and int(init(result.model, gemm.input[2])) == 128
+    clips = {n.name: n for n in nodes_of(result.model, "Clip")}
+    assert [int(init(result.model, name)) for name in clips["clip"].input[1:]] == [128, 168]
+    (quantize,) = nodes_of(result.model, "QuantizeLinear")
+    assert init(result.model, quantize.input[2]).dtype == np.uint8
+
+
+def test_off_grid_clip_stays_float_with_a_reason() -> None:
+    b = UnitBuilder()
+    clipped = b.node("Clip", [b.quant("qx", "x", 0.05, 0.0, 8), b.const("lo", 0.01), b.const("hi", 1.0)], "clip")
+    result = convert_qop(b.model((2, 8), clipped))
+    (record,) = [u for u in result.report.unit_records if u["node"] == "clip"]
+    assert record["became"] is None and "not a value of the input's grid" in record["reason"]
+
+
+# ---- real models ------------------------------------------------------------------
+
+
+def _qonnx_index(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, np.ndarray]]:
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return producer, consumers, constants
+
+
+def expected_integer_units(model: onnx.ModelProto) -> int:
+    """Conv/MatMul/Gemm whose input, weight and output are integer-quantized at <= 8 bits,
+    read from the QONNX graph itself (not from what qlower emitted).
+
+    Input: an activation Quant (2..8 bits, or unsigned 1 bit; ROUND; one scale and an
+    integer zero point), possibly behind MaxPool/Reshape/Flatten/Transpose/Squeeze/
+    Unsqueeze. Weight: a Quant or BipolarQuant of <= 8 bits on a constant, possibly behind
+    Transposes. Output: only consumed (through a MatMul's bias Add and a Relu) by such an
+    activation Quant. Gemm with alpha/beta 1.
+    """
+    producer, consumers, constants = _qonnx_index(model)
+
+    def quantizer(node: onnx.NodeProto | None) -> str | None:
+        return OP_ALIASES.get(node.op_type, node.op_type) if node is not None and is_qonnx_node(node) else None
+
+    def attr(node: onnx.NodeProto, name: str, default: object) -> object:
+        found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
+        return found[0] if found else default
+
+    def integer_activation(node: onnx.NodeProto | None) -> bool:
+        if quantizer(node) != "Quant" or node.input[0] in constants:
+            return False
+        scale, zero_point, bits = (constants.get(node.input[i]) for i in (1, 2, 3))
+        if scale is None or zero_point is None or bits is None or scale.size != 1 or zero_point.size != 1:
+            return False
+        rounding = attr(node, "rounding_mode", b"ROUND")
+        rounding = (rounding.decode() if isinstance(rounding, bytes) else rounding).upper()
+        signed_one_bit = attr(node, "signed", 1) and float(bits) == 1
+        return float(bits) <= 8 and not signed_one_bit and rounding in ("ROUND", "HALF_EVEN") and float(zero_point) == round(float(zero_point))
+
+    def integer_weight(node: onnx.NodeProto | None) -> bool:
+        kind = quantizer(node)
+        if kind is None or node.input[0] not in constants:
+            return False
+        return kind == "BipolarQuant" or (kind == "Quant" and float(constants[node.input[3]]) <= 8)
+
+    def source(name: str, through: set[str]) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in through:
+            node = producer.get(node.input[0])
+        return node
+
+    def only(name: str) -> onnx.NodeProto | None:
+        readers = consumers.get(name, [])
+        is_output = any(o.name == name for o in model.graph.output)
+        return readers[0] if len(readers) == 1 and not is_output else None
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        if node.op_type == "Gemm" and (attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
+            continue
+        if not integer_activation(source(node.input[0], {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})):
+            continue
+        if not integer_weight(source(node.input[1], {"Transpose"})):
+            continue
+        result, after = node.output[0], only(node.output[0])
+        if node.op_type == "MatMul" and after is not None and after.op_type == "Add":
+            bias = [name for name in after.input if name != result][0]
+            if bias in constants or quantizer(producer.get(bias)) is not None:
+                result, after = after.output[0], only(after.output[0])
+        if after is not None and after.op_type == "Relu":
+            result, after = after.output[0], only(after.output[0])
+        count += integer_activation(after) and after.input[0] == result
+    return count
+
+
+@pytest.mark.parametrize("path", ALL_MODELS, ids=lambda p: p.name.removesuffix(".onnx"))
+def test_models_convert_verify_and_use_integer_operators(path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.qop.onnx"
+    result = qlower.convert(path, to="qop", output_path=out)
+    verification = result.report.verification
+    assert verification is not None and verification.passed, verification.failures
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    lowered = Counter(n.op_type for n in result.model.graph.node)
+    expected = expected_integer_units(onnx.load(str(path)))
+    assert sum(lowered[op] for op in INTEGER_OPS) == expected
+    units = [u for u in result.report.unit_records if u["pass"] in ("qlinear_conv", "qlinear_matmul")]
+    assert sum(1 for u in units if u["became"]) == expected
+    assert all(u["reason"] for u in units if not u["became"])  # every fallback says why
+
+
+def test_eligible_units_are_counted_in_the_test_data() -> None:
+    """The count test above is not vacuous: the fixtures hold convs, matmuls and gemms."""
+    total = sum(expected_integer_units(onnx.load(str(p))) for p in ALL_MODELS)
+    assert total >= 15
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[tuple[str, str]]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [(n.op_type, n.domain) for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_ort_runs_qlinearconv_on_integer_kernels(tmp_path: Path) -> None:
+    result = qlower.convert(BREVITAS_DIR / "depthwise_conv.qonnx.onnx", to="qop", verify_result=False)
+    optimized = _optimized_ops(result.model, tmp_path)
+    assert sum(op == "QLinearConv" for op, _ in optimized) == 2  # ONNX's or ORT's NHWC com.microsoft kernel
+    assert not any(op in ("Conv", "FusedConv") for op, _ in optimized)
+
+
+GRID_OUTPUT_FIXTURES = [
+    "conv_w2a2", "conv_w3a5_int16bias", "depthwise_conv", "fixed_point_w4a4", "linear_w4a4_pc",
+    "linear_w8a8_pt", "residual_add", "shifted_uint8_act", "shifted_uint8_weights",
+]
+
+
+@pytest.mark.parametrize("name", GRID_OUTPUT_FIXTURES)
+def test_qop_matches_qcdq_under_ort_enable_all(name: str) -> None:
+    """What users deploy: both lowerings at ORT_ENABLE_ALL agree within one output step."""
+    path = BREVITAS_DIR / f"{name}.qonnx.onnx"
+    original = onnx.load(str(path))
+    (output_quant,) = [n for n in original.graph.node if n.output[0] == original.graph.output[0].name]
+    step = float(numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == output_quant.input[1])))
+    feeds = make_inputs(original, 8, seed=3)
+    feeds.append({original.graph.input[0].name: np.load(BREVITAS_DIR / f"{name}.input.npy")})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(qlower.convert(path, to=to, verify_result=False).model.SerializeToString(), options,
+                                     providers=["CPUExecutionProvider"]) for to in ("qcdq", "qop")]
+    for feed in feeds:
+        qcdq, qop = (session.run(None, feed)[0] for session in sessions)
+        assert np.rint(np.abs(qcdq.astype(np.float64) - qop) / step).max() <= 1
