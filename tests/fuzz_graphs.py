@@ -12,8 +12,10 @@ v1/v2) sit on activations, weights and biases with:
   normal floats);
 * integer zero points, odd and negative ones included, always inside the integer range;
 * every rounding mode, in any letter case;
-* every QONNX domain spelling, the ``IntQuant`` alias, opsets 11..21, optional shape
-  information and an optional symbolic batch dimension.
+* every QONNX domain spelling, the ``IntQuant`` alias, opsets 11..21 (and ``opset=21`` on
+  convert), IR 6..10, optional shape information, an optional symbolic batch dimension,
+  the QONNX domain sometimes missing from ``opset_import``, nodes sometimes unnamed,
+  sometimes a second graph output.
 
 Structural decisions are drawn from hypothesis (so failures shrink to small graphs); bulk
 arrays (weights, per-channel vectors, tie inputs) come from a numpy generator seeded by a
@@ -602,6 +604,11 @@ def fuzz_cases(draw, max_steps: int = 6) -> FuzzCase:
         extra = draw(st.sampled_from(pool[:-1]))
         if extra.name not in outputs and extra.name != "x":
             outputs.append(extra.name)
+    if draw(st.integers(0, 5)) == 0:  # exporters often leave node names empty
+        for node in b.nodes:
+            if b.rng.random() < 0.4:
+                node.name = ""
+        b.note("some node names left empty")
     opset = _pick(draw, [(4, 13), (2, 11), (2, 17), (2, 19), (2, 21)])
     symbolic_batch = draw(st.integers(0, 5)) == 0
     in_shape = ["N", *shape[1:]] if symbolic_batch else list(shape)

@@ -274,7 +274,7 @@ FALLBACKS = {
 
 @pytest.mark.parametrize("case", FALLBACKS, ids=str)
 def test_unsupported_units_stay_exact_qcdq_with_a_reason(case: str) -> None:
-    kwargs, reason = FALLBACKS[case]
+    kwargs, reason = dict(FALLBACKS[case][0]), FALLBACKS[case][1]
     op = kwargs.pop("op")
     model = unit_model(op, kwargs.pop("x_shape"), kwargs.pop("w_shape"), **kwargs)
     result = qlower.convert(model, to="qop", batches=4, verify_result=False)
@@ -287,34 +287,60 @@ def test_unsupported_units_stay_exact_qcdq_with_a_reason(case: str) -> None:
     assert report.passed, report.failures
 
 
-def test_integer_passthrough_reaches_the_next_unit() -> None:
+def test_ops_before_a_unit_move_onto_the_integers() -> None:
     """Quant -> MaxPool -> Flatten -> Clip -> Gemm: the ops move onto the integers, the
     Gemm fuses, and the whole integer region between them becomes uint8 (zero point 128)."""
     b = UnitBuilder()
     x = b.quant("qx", "x", 0.05, 0.0, 8, signed=1)
     pooled = b.node("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
     flat = b.node("Flatten", [pooled], "flat")
-    clipped = b.node("Clip", [flat, b.const("lo", 0.0), b.const("hi", 0.05 * 40)], "clip")  # on the grid
+    clipped = b.node("Clip", [flat, b.const("lo", 0.0), b.const("hi", 0.05 * 40)], "clip")  # bounds on the grid
     w = b.quant("qw", b.const("W", np.random.default_rng(1).integers(-60, 61, (8, 48)) * 0.01), 0.01, 0.0, 8, narrow=1)
     y = b.quant("qy", b.node("Gemm", [clipped, w], "compute", transB=1), 0.1, 0.0, 8, signed=0)
     result = convert_qop(b.model((2, 3, 8, 8), y))
-    moved = {u["node"]: u["became"] for u in result.report.unit_records if u["pass"] == "integer_passthrough"}
-    assert moved["pool"].startswith("MaxPool on int8") and moved["flat"].startswith("Flatten on int8")
-    assert moved["clip"].startswith("integer Clip[0,40]")
+    assert "input through integer MaxPool -> Flatten -> Clip" in unit_record(result)["became"]
     (gemm,) = nodes_of(result.model, "QLinearMatMul")
     assert gemm.input[0] == "clip/integers" and int(init(result.model, gemm.input[2])) == 128
-    clips = {n.name: n for n in nodes_of(result.model, "Clip")}
-    assert [int(init(result.model, name)) for name in clips["clip"].input[1:]] == [128, 168]
+    (clip,) = nodes_of(result.model, "Clip")
+    assert [int(init(result.model, name)) for name in clip.input[1:]] == [128, 168]
     (quantize,) = nodes_of(result.model, "QuantizeLinear")
     assert init(result.model, quantize.input[2]).dtype == np.uint8
 
 
-def test_off_grid_clip_stays_float_with_a_reason() -> None:
+@pytest.mark.parametrize("same_params", [True, False], ids=["equal_qparams", "different_qparams"])
+def test_concat_before_a_unit(same_params: bool) -> None:
+    """Concat of integers that share scale, zero point and container stays integer."""
+    b = UnitBuilder()
+    left = b.quant("qa", "x", 0.05, 0.0, 8, signed=0)
+    right = b.quant("qb", b.node("Neg", ["x"], "neg"), 0.05 if same_params else 0.04, 0.0, 8, signed=0)
+    joined = b.node("Concat", [left, right], "concat", axis=1)
+    w = b.quant("qw", b.const("W", np.random.default_rng(2).integers(-60, 61, (4, 6, 1, 1)) * 0.01), 0.01, 0.0, 8, narrow=1)
+    y = b.quant("qy", b.node("Conv", [joined, w], "compute"), 0.1, 0.0, 8, signed=0)
+    result = convert_qop(b.model((1, 3, 5, 5), y))
+    record = unit_record(result)
+    if same_params:
+        assert "input through integer Concat" in record["became"]
+        (conv,), (concat,) = nodes_of(result.model, "QLinearConv"), nodes_of(result.model, "Concat")
+        assert conv.input[0] == concat.output[0]
+    else:
+        assert record["became"] is None and "different scales" in record["reason"]
+
+
+def test_ops_before_a_unit_that_stays_qcdq_do_not_move() -> None:
+    """A Clip whose bound is off the input's grid cannot move: the unit stays exact QCDQ,
+    and nothing else in the graph changes layout."""
     b = UnitBuilder()
     clipped = b.node("Clip", [b.quant("qx", "x", 0.05, 0.0, 8), b.const("lo", 0.01), b.const("hi", 1.0)], "clip")
-    result = convert_qop(b.model((2, 8), clipped))
-    (record,) = [u for u in result.report.unit_records if u["node"] == "clip"]
-    assert record["became"] is None and "not a value of the input's grid" in record["reason"]
+    w = b.quant("qw", b.const("W", np.random.default_rng(1).integers(-60, 61, (8, 8)) * 0.01), 0.01, 0.0, 8, narrow=1)
+    y = b.quant("qy", b.node("MatMul", [clipped, w], "compute"), 0.1, 0.0, 8, signed=0)
+    model = b.model((2, 8), y)
+    result = convert_qop(model)
+    record = unit_record(result)
+    assert record["became"] is None and "not on the input's grid" in record["reason"]
+    qcdq = qlower.convert(model, to="qcdq", verify_result=False).model
+    assert Counter(n.op_type for n in result.model.graph.node) == Counter(n.op_type for n in qcdq.graph.node)
+    (quantize,) = [n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+    assert init(result.model, quantize.input[2]).dtype == np.int8
 
 
 # ---- real models ------------------------------------------------------------------

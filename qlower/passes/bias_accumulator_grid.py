@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import GraphPass, LoweringContext, UnitRecord
+from .integer_paths import integer_path
 from .integer_units import (
     F32,
     IntegerWeight,
@@ -24,7 +25,6 @@ from .integer_units import (
     UnitEmitter,
     accumulator_bias,
     constant_float,
-    integer_activation,
     integer_weight,
     is_constant,
     only_consumer,
@@ -69,7 +69,7 @@ class BiasAccumulatorGrid(GraphPass):
             if dq is None or dq.op != "DequantizeLinear" or not is_constant(dq.inputs[0]):
                 continue  # a float bias: ORT's integer fusions leave it alone
             try:
-                x = integer_activation(node.inputs[0], "the input")
+                x = integer_path(node.inputs[0])
                 weight = _output_channel_weight(node)
             except Refused:
                 continue  # no integer accumulator to align with

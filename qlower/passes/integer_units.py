@@ -222,9 +222,9 @@ def int8_region(graph: gs.Graph, start: gs.Tensor) -> Int8Region:
     return Int8Region(list(nodes.values()), list(tensors.values()))
 
 
-def int8_regions(graph: gs.Graph, x: IntegerActivation, out: OutputQuantizer) -> list[Int8Region]:
-    """The int8 regions of a unit's input and output, which its rewrite moves to uint8."""
-    ends = ((x.values, x.dtype), (out.output, out.zero_point.dtype))
+def int8_regions(graph: gs.Graph, inputs: Sequence[IntegerActivation], out: OutputQuantizer) -> list[Int8Region]:
+    """The int8 regions of a unit's inputs and output, which its rewrite moves to uint8."""
+    ends = [(x.values, x.dtype) for x in inputs] + [(out.output, out.zero_point.dtype)]
     return [int8_region(graph, tensor) for tensor, dtype in ends if dtype == np.int8]
 
 
@@ -267,15 +267,15 @@ class IntegerWeight:
         return shifted, note
 
 
-def check_accumulator(x: IntegerActivation, weight: IntegerWeight, output_axis: int, bias: np.ndarray | None) -> None:
+def check_accumulator(x_zero_point: np.ndarray, weight: IntegerWeight, output_axis: int, bias: np.ndarray | None) -> None:
     """Refuse a unit whose int32 accumulator plus bias could wrap around for some input.
 
     The worst case per output channel is ``max|x - zx| * sum |w - zw|`` over the channel's
     weights, plus ``|bias|``; the float model never wraps, so anything beyond int32 is
     refused rather than risked.
     """
-    info = np.iinfo(x.dtype)
-    x_span = max(int(x.zero_point) - int(info.min), int(info.max) - int(x.zero_point))
+    info = np.iinfo(x_zero_point.dtype)
+    x_span = max(int(x_zero_point) - int(info.min), int(info.max) - int(x_zero_point))
     zero_point = weight.zero_point.astype(np.int64)
     if weight.axis is not None:
         shape = [1] * weight.values.ndim

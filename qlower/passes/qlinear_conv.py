@@ -18,10 +18,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import GraphPass, LoweringContext, UnitRecord
+from .integer_paths import IntegerPath, integer_path
 from .integer_units import (
     F32,
-    Int8Region,
-    IntegerActivation,
     IntegerWeight,
     OutputQuantizer,
     Refused,
@@ -32,7 +31,6 @@ from .integer_units import (
     describe_weight,
     detach,
     int8_regions,
-    integer_activation,
     integer_weight,
     output_quantizer,
     requantized_output,
@@ -42,20 +40,21 @@ from .integer_units import (
 
 @dataclass
 class ConvUnit:
+    """A Conv that fits QLinearConv, with everything its rewrite needs."""
+
     conv: gs.Node
-    x: IntegerActivation
+    x: IntegerPath
     weight: IntegerWeight
     bias: np.ndarray | None  # int32 [O] at scale float32(sx * sw)
     relu: gs.Node | None
     out: OutputQuantizer
-    int8_regions: list[Int8Region]  # moved to uint8 by the rewrite
 
 
 def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
     """Every check, before anything changes; Refused names the first that fails."""
     if conv.op == "ConvTranspose":
         raise Refused("ONNX has no integer ConvTranspose (no QLinearConvTranspose); the unit stays QCDQ")
-    x = integer_activation(conv.inputs[0], "the input")
+    x = integer_path(conv.inputs[0])
     weight = integer_weight(conv.inputs[1])
     if weight.axis not in (None, 0):
         raise Refused(f"the weight scale varies along axis {weight.axis}; QLinearConv takes per-output-channel scales (axis 0) only")
@@ -63,11 +62,12 @@ def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
     bias = None
     if len(conv.inputs) > 2 and conv.inputs[2].name:
         bias = np.broadcast_to(accumulator_bias(conv.inputs[2], accumulator_scale), (weight.values.shape[0],)).astype(np.int32)
-    check_accumulator(x, weight, 0, bias)
+    check_accumulator(x.zero_point, weight, 0, bias)
     relu, result = skip_relu(graph, conv.outputs[0])
     out = output_quantizer(graph, result)
     check_requantization(accumulator_scale, out)
-    return ConvUnit(conv, x, weight, bias, relu, out, int8_regions(graph, x, out))
+    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
+    return ConvUnit(conv, x, weight, bias, relu, out)
 
 
 class QLinearConvPass(GraphPass):
@@ -91,9 +91,11 @@ class QLinearConvPass(GraphPass):
         name = unit.conv.name
         em = UnitEmitter(graph, name)
         weight, note = unit.weight.u8s8_safe()
-        for region in unit.int8_regions:
+        path = unit.x.describe()
+        x = unit.x.materialize(graph)
+        for region in int8_regions(graph, [x], unit.out):
             region.to_uint8()
-        x, out = unit.x.as_uint8(), unit.out.as_uint8()
+        x, out = x.as_uint8(), unit.out.as_uint8()
         attrs = dict(unit.conv.attrs)
         detach(unit.conv, unit.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=unit.relu is not None)
@@ -110,7 +112,5 @@ class QLinearConvPass(GraphPass):
         if unit.bias is not None:
             inputs.append(em.constant("bias_int32", unit.bias))
         em.write("QLinearConv", inputs, target, attrs, name=name)
-        parts = [f"QLinearConv (uint8 x, {describe_weight(weight)}, uint8 y" + (", int32 bias)" if unit.bias is not None else ")")]
-        if range_note:
-            parts.append(range_note)
-        return "; ".join(parts), note
+        became = f"QLinearConv (uint8 x, {describe_weight(weight)}, uint8 y" + (", int32 bias)" if unit.bias is not None else ")")
+        return "; ".join(part for part in (became, path, range_note) if part), note

@@ -22,11 +22,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import GraphPass, LoweringContext, UnitRecord
+from .integer_paths import IntegerPath, integer_path
 from .integer_units import (
     F32,
     UINT8,
-    Int8Region,
-    IntegerActivation,
     IntegerWeight,
     OutputQuantizer,
     Refused,
@@ -38,7 +37,6 @@ from .integer_units import (
     describe_weight,
     detach,
     int8_regions,
-    integer_activation,
     integer_weight,
     only_consumer,
     output_quantizer,
@@ -49,15 +47,16 @@ from .integer_units import (
 
 @dataclass
 class MatMulUnit:
+    """A MatMul or Gemm that fits an integer MatMul, with everything its rewrite needs."""
+
     node: gs.Node
-    x: IntegerActivation
+    x: IntegerPath
     weight: IntegerWeight  # [K, N], per-column scales on axis 1
     accumulator_scale: np.ndarray  # float32(sx * sw): 0-d or [N]
     bias: np.ndarray | None  # int32 at accumulator_scale
     bias_add: gs.Node | None  # the Add that carried a MatMul's bias
     relu: gs.Node | None
     out: OutputQuantizer
-    int8_regions: list[Int8Region]  # moved to uint8 by the rewrite
 
     @property
     def transpose_x(self) -> bool:
@@ -82,7 +81,7 @@ def _gemm_weight(gemm: gs.Node) -> IntegerWeight:
 
 def match_matmul(graph: gs.Graph, node: gs.Node) -> MatMulUnit:
     """Every check, before anything changes; Refused names the first that fails."""
-    x = integer_activation(node.inputs[0], "the input")
+    x = integer_path(node.inputs[0])
     if node.op == "Gemm":
         weight = _gemm_weight(node)
     else:
@@ -100,11 +99,12 @@ def match_matmul(graph: gs.Graph, node: gs.Node) -> MatMulUnit:
         other = None if add is None or add.op != "Add" else add.inputs[1] if add.inputs[0] is result else add.inputs[0]
         if other is not None and constant_float(other) is not None:
             bias, bias_add, result = accumulator_bias(other, accumulator_scale), add, add.outputs[0]
-    check_accumulator(x, weight, 1, bias)
+    check_accumulator(x.zero_point, weight, 1, bias)
     relu, result = skip_relu(graph, result)
     out = output_quantizer(graph, result)
     check_requantization(accumulator_scale, out)
-    return MatMulUnit(node, x, weight, accumulator_scale, bias, bias_add, relu, out, int8_regions(graph, x, out))
+    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
+    return MatMulUnit(node, x, weight, accumulator_scale, bias, bias_add, relu, out)
 
 
 class QLinearMatMulPass(GraphPass):
@@ -128,9 +128,11 @@ class QLinearMatMulPass(GraphPass):
         name = unit.node.name
         em = UnitEmitter(graph, name)
         weight, note = unit.weight.u8s8_safe()
-        for region in unit.int8_regions:
+        path = unit.x.describe()
+        x = unit.x.materialize(graph)
+        for region in int8_regions(graph, [x], unit.out):
             region.to_uint8()
-        x, out = unit.x.as_uint8(), unit.out.as_uint8()
+        x, out = x.as_uint8(), unit.out.as_uint8()
         detach(unit.node, unit.bias_add, unit.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=unit.relu is not None)
         x_values = x.values
@@ -155,4 +157,4 @@ class QLinearMatMulPass(GraphPass):
                       "-> QuantizeLinear(uint8)")
         if unit.transpose_x:
             became = "integer Transpose (transA) -> " + became
-        return "; ".join(p for p in (became, range_note) if p), note
+        return "; ".join(part for part in (became, path, range_note) if part), note

@@ -13,7 +13,6 @@ from .bias_accumulator_grid import BiasAccumulatorGrid
 from .bipolar_activation import BipolarActivation
 from .fold_constant_float import FoldConstantToFloat
 from .fold_constant_quantizer import FoldConstantQuantizer
-from .integer_passthrough import IntegerPassThrough
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
@@ -29,10 +28,11 @@ _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
 )
 
 _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
-    "qcdq": (),
-    # Integer-domain pass-through, biases on the accumulator grid, then the compute units;
-    # each step keeps the model exact, or within one LSB for the fused units.
-    "qop": (IntegerPassThrough(), BiasAccumulatorGrid(), QLinearConvPass(), QLinearMatMulPass()),
+    # A bias on its own grid (QKeras) is exact in QCDQ but ONNX Runtime's QGemm/QLinearConv
+    # fusion assumes the s_x*s_w grid and silently misreads it, so qcdq moves it too.
+    "qcdq": (BiasAccumulatorGrid(),),
+    # Biases onto the accumulator grid (exact), then the compute units (within one LSB).
+    "qop": (BiasAccumulatorGrid(), QLinearConvPass(), QLinearMatMulPass()),
 }
 
 
@@ -42,5 +42,5 @@ def quantizer_passes_for(target: str) -> tuple[QuantizerPass, ...]:
 
 
 def graph_passes_for(target: str) -> tuple[GraphPass, ...]:
-    """Passes over the lowered graph (qop's QLinear fusion); none for qcdq."""
+    """Passes over the lowered graph: the bias grid fix, and qop's QLinear fusion."""
     return _GRAPH_PASSES[target]

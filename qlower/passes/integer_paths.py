@@ -1,0 +1,126 @@
+"""A unit's input read back to integers through operators that commute with dequantization.
+
+    op(DQ(q, s, zp)) == DQ(op(q), s, zp)        (one s, zp for every input)
+
+holds exactly for ops that only move values (Reshape, Flatten, Transpose, Squeeze,
+Unsqueeze), for MaxPool (DQ is increasing), for Concat of inputs sharing (s, zp,
+container), for Relu as ``Clip(q, zp, max)`` (DQ(zp) is +0) and for a float Clip whose
+bounds are grid values ``(k - zp) * s``. A fused unit moves such ops onto the integers
+when its input reaches a DequantizeLinear through them; nothing moves for units that stay
+QCDQ, so the rest of the graph keeps its layout (and ORT its usual fusions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .integer_units import F32, IntegerActivation, Refused, detach, integer_activation, producer, scalar_constant
+
+PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Relu", "Clip"})
+
+
+def _dequantize(q: int, source: IntegerActivation) -> np.float32:
+    """What DequantizeLinear gives for the integer ``q``: float(q - zp) * s."""
+    return F32(q - int(source.zero_point)) * F32(source.scale)
+
+
+def _integer_bound(bound: gs.Tensor | None, source: IntegerActivation, lower: bool) -> int:
+    """The integer ``k`` with Clip at ``bound`` == Clip at ``DQ(k)``; Refused if there is none."""
+    info = np.iinfo(source.dtype)
+    extreme = int(info.min) if lower else int(info.max)
+    if bound is None or not bound.name:
+        return extreme
+    value = scalar_constant(bound)
+    if value is None:
+        raise Refused("a Clip on the input has a bound that is not a constant scalar")
+    value = F32(value)
+    # Beyond the container's range the bound never acts.
+    if (lower and value <= _dequantize(int(info.min), source)) or (not lower and value >= _dequantize(int(info.max), source)):
+        return extreme
+    nearest = int(np.clip(np.rint(value / source.scale + F32(source.zero_point)), info.min, info.max))
+    if _dequantize(nearest, source) != value:
+        raise Refused(f"a Clip on the input has the bound {float(value):g}, which is not on the input's grid (step {float(source.scale):g})")
+    return nearest
+
+
+def _integer_clip(node: gs.Node, source: IntegerActivation) -> tuple[int, int]:
+    """Relu or Clip as integer bounds on the source's container."""
+    if node.op == "Relu":
+        return int(source.zero_point), int(np.iinfo(source.dtype).max)
+    bounds = list(node.inputs[1:3])
+    low = _integer_bound(bounds[0] if bounds else None, source, lower=True)
+    high = _integer_bound(bounds[1] if len(bounds) > 1 else None, source, lower=False)
+    return low, high
+
+
+@dataclass
+class IntegerPath:
+    """How a unit's input reaches integers: DequantizeLinears of run-time integers (the
+    leaves, all with one scale, zero point and container), then ``moves``, the ops
+    between, producers first, that :meth:`materialize` rewrites onto the integers."""
+
+    leaves: list[IntegerActivation]
+    moves: list[gs.Node]
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self.leaves[0].scale
+
+    @property
+    def zero_point(self) -> np.ndarray:
+        return self.leaves[0].zero_point
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.leaves[0].dtype
+
+    def describe(self) -> str:
+        return "" if not self.moves else "input through integer " + " -> ".join(node.op for node in self.moves)
+
+    def materialize(self, graph: gs.Graph) -> IntegerActivation:
+        """Move every op onto the integers; return the DequantizeLinear the unit now reads."""
+        current = {id(leaf.dq.outputs[0]): leaf for leaf in self.leaves}
+        result = self.leaves[0]
+        for node in self.moves:
+            data = node.inputs if node.op == "Concat" else node.inputs[:1]
+            sources = [current[id(t)] for t in data]
+            first = sources[0]
+            op, attrs, inputs = node.op, dict(node.attrs), [s.values for s in sources] + list(node.inputs[len(sources):])
+            if node.op in ("Relu", "Clip"):
+                low, high = _integer_clip(node, first)
+                op, attrs = "Clip", {}
+                inputs = [first.values, gs.Constant(f"{node.name}/low", np.asarray(low, first.dtype)),
+                          gs.Constant(f"{node.name}/high", np.asarray(high, first.dtype))]
+            output = node.outputs[0]
+            integers = gs.Variable(f"{node.name}/integers", dtype=first.dtype)
+            detach(node)
+            graph.nodes.append(gs.Node(op, node.name, attrs, inputs, [integers]))
+            dq = gs.Node("DequantizeLinear", f"{node.name}/dequantize", {}, [integers, *first.dq.inputs[1:3]], [output])
+            graph.nodes.append(dq)
+            result = IntegerActivation(integers, first.scale, first.zero_point, dq)
+            current[id(output)] = result
+        return result
+
+
+def integer_path(tensor: gs.Tensor) -> IntegerPath:
+    """``tensor`` as integers, directly or through ops that commute with DequantizeLinear."""
+    node = producer(tensor)
+    if node is None or node.op not in PASS_THROUGH or node.domain not in (None, "", "ai.onnx"):
+        return IntegerPath([integer_activation(tensor, "the input")], [])
+    if len(node.outputs) != 1:
+        raise Refused(f"the input comes from {node.op} with {len(node.outputs)} outputs (e.g. MaxPool indices)")
+    data = node.inputs if node.op == "Concat" else node.inputs[:1]
+    paths = [integer_path(t) for t in data]
+    leaves = {id(leaf.dq): leaf for path in paths for leaf in path.leaves}
+    moves = {id(move): move for path in paths for move in path.moves}
+    first = paths[0].leaves[0]
+    if any(leaf.dtype != first.dtype or leaf.zero_point != first.zero_point or F32(leaf.scale) != F32(first.scale)
+           for leaf in leaves.values()):
+        raise Refused("the Concat before the input joins tensors with different scales, zero points or containers")
+    if node.op == "Clip":
+        _integer_clip(node, first)  # refuses bounds off the grid
+    moves[id(node)] = node
+    return IntegerPath(list(leaves.values()), list(moves.values()))
