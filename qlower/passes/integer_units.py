@@ -10,11 +10,14 @@ the graph; the passes decide what to emit.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Generic, Sequence, TypeVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from .base import GraphPass, LoweringContext, UnitRecord
 
 F32 = np.float32
 UINT8 = np.dtype(np.uint8)
@@ -27,6 +30,35 @@ U8S8_SAFE_MAGNITUDE = 64
 
 class Refused(Exception):
     """A unit does not fit an integer operator; the message is the reason for the report."""
+
+
+Unit = TypeVar("Unit")
+
+
+class ComputeUnitPass(GraphPass, Generic[Unit]):
+    """A graph pass over compute nodes: match each into a unit (or record why not), rewrite it."""
+
+    compute_ops: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def match(self, graph: gs.Graph, node: gs.Node) -> Unit:
+        """The unit around ``node``; raises Refused with the reason it cannot be fused."""
+
+    @abstractmethod
+    def rewrite_unit(self, graph: gs.Graph, unit: Unit) -> tuple[str, str | None]:
+        """Emit the integer form of ``unit``; return what it became and an optional note."""
+
+    def run(self, ctx: LoweringContext) -> list[UnitRecord]:
+        records = []
+        for node in [n for n in ctx.graph.nodes if n.op in self.compute_ops]:
+            try:
+                unit = self.match(ctx.graph, node)
+            except Refused as refused:
+                records.append(UnitRecord(node.name, node.op, self.name, None, str(refused)))
+                continue
+            became, note = self.rewrite_unit(ctx.graph, unit)
+            records.append(UnitRecord(node.name, node.op, self.name, became, note))
+        return records
 
 
 class UnitEmitter:

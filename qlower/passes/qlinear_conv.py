@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import GraphPass, LoweringContext, UnitRecord
 from .integer_paths import IntegerPath, integer_path
 from .integer_units import (
+    ComputeUnitPass,
     F32,
     IntegerWeight,
     OutputQuantizer,
@@ -70,24 +70,17 @@ def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
     return ConvUnit(conv, x, weight, bias, relu, out)
 
 
-class QLinearConvPass(GraphPass):
+class QLinearConvPass(ComputeUnitPass[ConvUnit]):
     name = "qlinear_conv"
     matches = "DQ(x u8), DQ(int8/uint8 weight) [, int32 bias] -> Conv -> [Relu] -> Q(u8) -> [Clip]; ConvTranspose (reported)"
     emits = "QLinearConv(x, sx, zx, w, sw, zw, sy, zy [, bias]) -> [integer Clip]"
 
-    def run(self, ctx: LoweringContext) -> list[UnitRecord]:
-        records = []
-        for node in [n for n in ctx.graph.nodes if n.op in ("Conv", "ConvTranspose")]:
-            try:
-                unit = match_conv(ctx.graph, node)
-            except Refused as refused:
-                records.append(UnitRecord(node.name, node.op, self.name, None, str(refused)))
-                continue
-            became, note = self._rewrite(ctx.graph, unit)
-            records.append(UnitRecord(node.name, "Conv", self.name, became, note))
-        return records
+    compute_ops = ("Conv", "ConvTranspose")
 
-    def _rewrite(self, graph: gs.Graph, unit: ConvUnit) -> tuple[str, str | None]:
+    def match(self, graph: gs.Graph, node: gs.Node) -> ConvUnit:
+        return match_conv(graph, node)
+
+    def rewrite_unit(self, graph: gs.Graph, unit: ConvUnit) -> tuple[str, str | None]:
         name = unit.conv.name
         em = UnitEmitter(graph, name)
         weight, note = unit.weight.u8s8_safe()

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import GraphPass, LoweringContext, UnitRecord
 from .integer_paths import IntegerPath, integer_path
 from .integer_units import (
+    ComputeUnitPass,
     F32,
     UINT8,
     IntegerWeight,
@@ -107,24 +107,17 @@ def match_matmul(graph: gs.Graph, node: gs.Node) -> MatMulUnit:
     return MatMulUnit(node, x, weight, accumulator_scale, bias, bias_add, relu, out)
 
 
-class QLinearMatMulPass(GraphPass):
+class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
     name = "qlinear_matmul"
     matches = "DQ(x u8), DQ(int8/uint8 weight) -> MatMul [-> Add(bias)] | Gemm -> [Relu] -> Q(u8) -> [Clip]"
     emits = "QLinearMatMul -> [integer Clip]; with a bias MatMulInteger -> Add(int32) -> Cast -> Mul -> QuantizeLinear -> [Clip]"
 
-    def run(self, ctx: LoweringContext) -> list[UnitRecord]:
-        records = []
-        for node in [n for n in ctx.graph.nodes if n.op in ("MatMul", "Gemm")]:
-            try:
-                unit = match_matmul(ctx.graph, node)
-            except Refused as refused:
-                records.append(UnitRecord(node.name, node.op, self.name, None, str(refused)))
-                continue
-            became, note = self._rewrite(ctx.graph, unit)
-            records.append(UnitRecord(node.name, node.op, self.name, became, note))
-        return records
+    compute_ops = ("MatMul", "Gemm")
 
-    def _rewrite(self, graph: gs.Graph, unit: MatMulUnit) -> tuple[str, str | None]:
+    def match(self, graph: gs.Graph, node: gs.Node) -> MatMulUnit:
+        return match_matmul(graph, node)
+
+    def rewrite_unit(self, graph: gs.Graph, unit: MatMulUnit) -> tuple[str, str | None]:
         name = unit.node.name
         em = UnitEmitter(graph, name)
         weight, note = unit.weight.u8s8_safe()
