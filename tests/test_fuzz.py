@@ -141,6 +141,46 @@ def _only_nan_differences(original: onnx.ModelProto, lowered: onnx.ModelProto, i
     return any_nan
 
 
+def _first_divergence_within_one_lsb(original: onnx.ModelProto, lowered: onnx.ModelProto, inputs) -> bool:
+    """Run both models with every quantizer output exposed; the first (in graph order) that
+    differs must differ by at most one step of its own scale (the rest is propagation)."""
+    inits = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    steps: dict[str, np.ndarray] = {}
+    for node in original.graph.node:
+        if node.domain in QONNX_DOMAINS:
+            position = 4 if node.op_type == "Trunc" and len(node.input) == 6 else 1
+            if node.input[position] in inits:
+                steps[node.output[0]] = np.abs(inits[node.input[position]]).astype(np.float64)
+    lowered_names = {out for node in lowered.graph.node for out in node.output}
+    names = [name for name in steps if name in lowered_names]
+    if not names:
+        return False
+    exposed_original, exposed_lowered = onnx.ModelProto(), onnx.ModelProto()
+    exposed_original.CopyFrom(original)
+    exposed_lowered.CopyFrom(lowered)
+    for model in (exposed_original, exposed_lowered):
+        present = {value.name for value in model.graph.output}
+        model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in present)
+    reference, session = ReferenceExecutor(exposed_original), make_session(exposed_lowered, optimized=False)
+    outputs = [meta.name for meta in session.get_outputs()]
+    feeds_list = inputs if inputs is not None else make_inputs(original, BATCHES, 0)
+    for feeds in feeds_list:
+        expected = reference.run(feeds)
+        got = dict(zip(outputs, session.run(outputs, {k: feeds[k] for k in reference.input_names})))
+        for name in names:
+            want, have = expected[name].astype(np.float64), got[name].astype(np.float64)
+            if want.shape != have.shape:
+                return False
+            differ = ~((want == have) | (np.isnan(want) & np.isnan(have)))
+            if not np.any(differ):
+                continue
+            step = steps[name] if steps[name].size > 1 else steps[name].reshape(())
+            with np.errstate(invalid="ignore"):
+                units = np.abs(want - have) / np.broadcast_to(step, want.shape)
+            return bool(np.all(units[differ] <= TOLERANCE_LSB + 1e-3))
+    return False
+
+
 def _exact_failures(report: qlower.VerificationReport) -> list[str]:
     return [line for line in report.failures if "ORT_DISABLE_ALL" in line]
 
@@ -165,6 +205,8 @@ def _label_optimized(line: str) -> str:
         return "ort-matmulintegertofloat-per-channel-zero-point"
     if "of operator (QGemm)" in line and "tensor(int32)" in line:
         return "ort-qgemm-int32-weight"
+    if "QLinearGlobalAveragePool parameter out of computation range" in line:
+        return "ort-qlinearaveragepool-out-of-range"
     if "QLinearAveragePool" in line and "must be a scalar" in line:
         return "ort-qlinearaveragepool-per-channel"
     if "QLinearConv : result zero point must be a scalar" in line:
@@ -522,3 +564,35 @@ def test_ort_averagepool_between_per_channel_quantizers() -> None:
         _quant("out", "pool_out", "y", per_channel, 0.0, 8.0, signed=0),
     ], [1, 3, 4, 4])
     assert qlower.convert(model).report.verification.passed
+
+
+def test_known_issue_detectors() -> None:
+    """Each KNOWN_ISSUES detector recognises its own issue and nothing else (they only run on
+    failures, so a broken detector would otherwise surface only in a long campaign)."""
+    nan_model = _model([_quant("act", "x", "y", 0.1, 0.0, 8.0)], [1, 4])
+    nan_lowered = qlower.convert(nan_model, verify_result=False).model
+    nan_inputs = [{"x": np.array([[np.nan, 0.0, 1.0, -1.0]], np.float32)}]
+    assert _only_nan_differences(nan_model, nan_lowered, nan_inputs)
+    assert not _only_nan_differences(nan_model, nan_lowered, [{"x": np.array([[0.05, 0.15, 1.0, -1.0]], np.float32)}])
+    assert _explain(FuzzCase(nan_model, nan_inputs, None), "qcdq", nan_lowered, nan_inputs) == "nan-into-integer-quantizer"
+
+    pool_model = _model([
+        _quant("act", "x", "xq", 0.1, 0.0, 4.0),
+        helper.make_node("AveragePool", ["xq"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+    ], [1, 2, 4, 4], opset=11)
+    pool_lowered = qlower.convert(pool_model, opset=21, verify_result=False).model
+    assert _exact_failures(_verify(pool_model, pool_lowered, "qcdq", None, optimized=False))
+    assert _explain(FuzzCase(pool_model, None, 21), "qcdq", pool_lowered, None) == "reference-opset-numerics"
+
+    step_model = _model([_quant("act", "x", "y", 0.5, 0.0, 8.0, signed=0)], [1, 8])
+    shifted = qlower.convert(step_model, verify_result=False).model
+    for init in shifted.graph.initializer:
+        if init.name.endswith("dq_zero_point"):
+            init.CopyFrom(numpy_helper.from_array(np.array(1, np.uint8), init.name))
+    inputs = [{"x": np.arange(8, dtype=np.float32).reshape(1, 8) * np.float32(4) + np.float32(10)}]
+    assert _first_divergence_within_one_lsb(step_model, shifted, inputs)
+    for init in shifted.graph.initializer:
+        if init.name.endswith("dq_zero_point"):
+            init.CopyFrom(numpy_helper.from_array(np.array(2, np.uint8), init.name))  # two steps: not propagation
+    assert not _first_divergence_within_one_lsb(step_model, shifted, inputs)
+    assert _explain(FuzzCase(step_model, inputs, None), "qop", shifted, inputs) is None
