@@ -1,8 +1,13 @@
 """Verification (SPEC section 4): the lowered model in ONNX Runtime against the QONNX reference.
 
 The reference executor runs the original model; ONNX Runtime runs the lowered one at
-``ORT_DISABLE_ALL`` and, unless told not to, at ``ORT_ENABLE_ALL``. Every graph output is
-compared on every batch:
+``ORT_DISABLE_ALL`` and, unless told not to, at ``ORT_ENABLE_ALL``. When the lowered model
+has a higher opset than the original, the reference runs the original upgraded to that
+opset by the same version converter ``convert`` uses: ORT's float kernels for two opset
+versions of one operator can differ in the last bit (AveragePool-11 and AveragePool-19
+do), which is not something the lowering did. ``reference_opset`` pins the reference to
+another opset (the fuzz tests use the original's to check the upgrade itself). Every graph
+output is compared on every batch:
 
 * ``qcdq`` at ``ORT_DISABLE_ALL``: bit-identical (max |diff| 0, NaN equal to NaN, same
   shape and dtype).
@@ -49,7 +54,7 @@ from onnx import helper
 
 from . import semantics
 from .errors import ModelLoadError, UnsupportedError, VerificationError
-from .ir import OP_ALIASES, ModelSource, is_qonnx_node, load_model
+from .ir import OP_ALIASES, ModelSource, default_opset, is_qonnx_node, load_model, normalize
 from .reference import ReferenceExecutor, constant_values, first_line, is_constant_node, make_session, node_label
 
 TARGETS = ("qcdq", "qop")
@@ -770,11 +775,14 @@ def verify(
     seed: int = 0,
     tolerance_lsb: float = 1.0,
     check_optimized: bool = True,
+    reference_opset: int | None = None,
 ) -> VerificationReport:
     """Compare ``lowered`` (in ONNX Runtime) with the QONNX reference running ``original``.
 
     ``inputs`` (a list of feeds, one per batch) replaces the ``batches`` random feeds drawn
-    by :func:`make_inputs` with ``seed``. The rules are in the module docstring. A lowered
+    by :func:`make_inputs` with ``seed``. ``reference_opset`` (default: the lowered model's
+    opset) is the opset the reference runs the original's standard ops at; the original is
+    never run below its own. The rules are in the module docstring. A lowered
     model that ORT cannot load or run is a failed verification carrying ORT's message, not
     an exception; problems with the original model or the inputs raise QlowerError.
     """
@@ -782,7 +790,11 @@ def verify(
         raise UnsupportedError(f"unknown verification target {target!r}; choose one of {', '.join(TARGETS)}")
     original_model = load_model(original)
     lowered_model = load_model(lowered)
-    reference = ReferenceExecutor(original_model)
+    wanted_opset = default_opset(lowered_model) if reference_opset is None else reference_opset
+    if wanted_opset > default_opset(original_model):
+        reference = ReferenceExecutor(normalize(original_model, wanted_opset))
+    else:
+        reference = ReferenceExecutor(original_model)
     feeds_list = _conform_inputs(original_model, inputs) if inputs is not None else make_inputs(original_model, batches, seed)
     report = VerificationReport(target, tolerance_lsb, len(feeds_list), seed)
     index = _Graph.of(original_model)
