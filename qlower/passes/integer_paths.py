@@ -17,7 +17,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .integer_units import F32, IntegerActivation, Refused, detach, integer_activation, producer, scalar_constant
+from .integer_units import (
+    F32,
+    IntegerActivation,
+    IntegerWeight,
+    OutputQuantizer,
+    Refused,
+    UnitEmitter,
+    check_accumulator,
+    check_requantization,
+    detach,
+    int8_regions,
+    integer_activation,
+    output_quantizer,
+    producer,
+    scalar_constant,
+    skip_relu,
+)
 
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Relu", "Clip"})
 
@@ -124,3 +140,49 @@ def integer_path(tensor: gs.Tensor) -> IntegerPath:
         _integer_clip(node, first)  # refuses bounds off the grid
     moves[id(node)] = node
     return IntegerPath(list(leaves.values()), list(moves.values()))
+
+
+# ---- the steps every compute unit shares (QLinearConv, QLinearMatMul) -------------------
+
+
+def match_unit_output(
+    graph: gs.Graph,
+    result: gs.Tensor,
+    x: IntegerPath,
+    weight: IntegerWeight,
+    output_axis: int,
+    bias: np.ndarray | None,
+    accumulator_scale: np.ndarray,
+) -> tuple[gs.Node | None, OutputQuantizer]:
+    """The checks that end every unit's match, from the compute op's float ``result``: the
+    int32 accumulator cannot wrap, an optional Relu, the 8-bit output quantizer, a
+    requantization multiplier below 1, int8 regions that can move to uint8. Returns the
+    Relu (or None) and the output quantizer; Refused names the first check that fails."""
+    check_accumulator(x.zero_point, weight, output_axis, bias)
+    relu, result = skip_relu(graph, result)
+    out = output_quantizer(graph, result)
+    check_requantization(accumulator_scale, out)
+    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
+    return relu, out
+
+
+@dataclass
+class UnitRewrite:
+    """A matched unit after the first steps of its rewrite: the input on the integers, every
+    int8 region of the unit stored as uint8, the weights made safe for the u8s8 kernel."""
+
+    em: UnitEmitter
+    x: IntegerActivation
+    weight: IntegerWeight
+    out: OutputQuantizer
+    path_note: str
+    weight_note: str | None
+
+
+def start_rewrite(graph: gs.Graph, name: str, x: IntegerPath, weight: IntegerWeight, out: OutputQuantizer) -> UnitRewrite:
+    safe_weight, weight_note = weight.u8s8_safe()
+    path_note = x.describe()
+    activation = x.materialize(graph)
+    for region in int8_regions(graph, [activation], out):
+        region.to_uint8()
+    return UnitRewrite(UnitEmitter(graph, name), activation.as_uint8(), safe_weight, out.as_uint8(), path_note, weight_note)

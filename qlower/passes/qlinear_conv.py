@@ -17,24 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .integer_paths import IntegerPath, integer_path
+from .integer_paths import IntegerPath, integer_path, match_unit_output, start_rewrite
 from .integer_units import (
     ComputeUnitPass,
     F32,
     IntegerWeight,
     OutputQuantizer,
     Refused,
-    UnitEmitter,
     accumulator_bias,
-    check_accumulator,
-    check_requantization,
     describe_weight,
     detach,
-    int8_regions,
     integer_weight,
-    output_quantizer,
     requantized_output,
-    skip_relu,
 )
 
 
@@ -62,11 +56,7 @@ def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
     bias = None
     if len(conv.inputs) > 2 and conv.inputs[2].name:
         bias = np.broadcast_to(accumulator_bias(conv.inputs[2], accumulator_scale), (weight.values.shape[0],)).astype(np.int32)
-    check_accumulator(x.zero_point, weight, 0, bias)
-    relu, result = skip_relu(graph, conv.outputs[0])
-    out = output_quantizer(graph, result)
-    check_requantization(accumulator_scale, out)
-    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
+    relu, out = match_unit_output(graph, conv.outputs[0], x, weight, 0, bias, accumulator_scale)
     return ConvUnit(conv, x, weight, bias, relu, out)
 
 
@@ -82,13 +72,8 @@ class QLinearConvPass(ComputeUnitPass[ConvUnit]):
 
     def rewrite_unit(self, graph: gs.Graph, unit: ConvUnit) -> tuple[str, str | None]:
         name = unit.conv.name
-        em = UnitEmitter(graph, name)
-        weight, note = unit.weight.u8s8_safe()
-        path = unit.x.describe()
-        x = unit.x.materialize(graph)
-        for region in int8_regions(graph, [x], unit.out):
-            region.to_uint8()
-        x, out = x.as_uint8(), unit.out.as_uint8()
+        started = start_rewrite(graph, name, unit.x, unit.weight, unit.out)
+        em, x, weight, out = started.em, started.x, started.weight, started.out
         attrs = dict(unit.conv.attrs)
         detach(unit.conv, unit.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=unit.relu is not None)
@@ -106,4 +91,4 @@ class QLinearConvPass(ComputeUnitPass[ConvUnit]):
             inputs.append(em.constant("bias_int32", unit.bias))
         em.write("QLinearConv", inputs, target, attrs, name=name)
         became = f"QLinearConv (uint8 x, {describe_weight(weight)}, uint8 y" + (", int32 bias)" if unit.bias is not None else ")")
-        return "; ".join(part for part in (became, path, range_note) if part), note
+        return "; ".join(part for part in (became, started.path_note, range_note) if part), started.weight_note

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .integer_paths import IntegerPath, integer_path
+from .integer_paths import IntegerPath, integer_path, match_unit_output, start_rewrite
 from .integer_units import (
     ComputeUnitPass,
     F32,
@@ -29,19 +29,13 @@ from .integer_units import (
     IntegerWeight,
     OutputQuantizer,
     Refused,
-    UnitEmitter,
     accumulator_bias,
-    check_accumulator,
-    check_requantization,
     constant_float,
     describe_weight,
     detach,
-    int8_regions,
     integer_weight,
     only_consumer,
-    output_quantizer,
     requantized_output,
-    skip_relu,
 )
 
 
@@ -99,11 +93,7 @@ def match_matmul(graph: gs.Graph, node: gs.Node) -> MatMulUnit:
         other = None if add is None or add.op != "Add" else add.inputs[1] if add.inputs[0] is result else add.inputs[0]
         if other is not None and constant_float(other) is not None:
             bias, bias_add, result = accumulator_bias(other, accumulator_scale), add, add.outputs[0]
-    check_accumulator(x.zero_point, weight, 1, bias)
-    relu, result = skip_relu(graph, result)
-    out = output_quantizer(graph, result)
-    check_requantization(accumulator_scale, out)
-    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
+    relu, out = match_unit_output(graph, result, x, weight, 1, bias, accumulator_scale)
     return MatMulUnit(node, x, weight, accumulator_scale, bias, bias_add, relu, out)
 
 
@@ -119,13 +109,8 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
 
     def rewrite_unit(self, graph: gs.Graph, unit: MatMulUnit) -> tuple[str, str | None]:
         name = unit.node.name
-        em = UnitEmitter(graph, name)
-        weight, note = unit.weight.u8s8_safe()
-        path = unit.x.describe()
-        x = unit.x.materialize(graph)
-        for region in int8_regions(graph, [x], unit.out):
-            region.to_uint8()
-        x, out = x.as_uint8(), unit.out.as_uint8()
+        started = start_rewrite(graph, name, unit.x, unit.weight, unit.out)
+        em, x, weight, out = started.em, started.x, started.weight, started.out
         detach(unit.node, unit.bias_add, unit.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=unit.relu is not None)
         x_values = x.values
@@ -150,4 +135,4 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
                       "-> QuantizeLinear(uint8)")
         if unit.transpose_x:
             became = "integer Transpose (transA) -> " + became
-        return "; ".join(part for part in (became, path, range_note) if part), note
+        return "; ".join(part for part in (became, started.path_note, range_note) if part), started.weight_note
