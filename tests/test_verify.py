@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import qlower
 from helpers import QONNX_DOMAIN, make_qonnx_model, make_quant_model
 from qlower.errors import ModelLoadError, UnsupportedError, VerificationError
 from qlower.verify import OPTIMIZED, UNOPTIMIZED, load_inputs_npz, make_inputs, verify
@@ -402,3 +404,18 @@ def test_a_qgemm_that_ignores_the_bias_scale_fails_when_optimized() -> None:
     assert rows[UNOPTIMIZED].passed and rows[UNOPTIMIZED].max_abs_diff == 0
     assert not rows[OPTIMIZED].passed and rows[OPTIMIZED].max_lsb_diff > 8
     assert report.failures[0].startswith(f"output 'y' at {OPTIMIZED}: ")
+
+
+def test_an_output_that_is_nan_everywhere_compares_without_warnings() -> None:
+    """Sqrt of a negative quantized value is NaN in both models; the probe (one step up or
+    down stays negative) measures no change, and that must not warn 'All-NaN slice'."""
+    original = make_quant_model((1, 8), scale=0.5, bit_width=4.0)
+    original.graph.node[0].output[0] = "q"
+    original.graph.node.append(helper.make_node("Sqrt", ["q"], ["y"], name="sqrt"))
+    lowered = qlower.convert(original, verify_result=False).model
+    inputs = [{"x": np.full((1, 8), -2.0, F32)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = verify(original, lowered, target="qop", inputs=inputs)
+    assert report.passed, report.failures
+    assert all(record.max_abs_diff == 0 for record in report.outputs)  # NaN equals NaN
