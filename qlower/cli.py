@@ -79,6 +79,10 @@ def convert_command(
     batches: int = typer.Option(16, "--batches", min=1, help="Random input batches to verify on."),
     seed: int = typer.Option(0, "--seed", help="Seed for random verification inputs."),
     tolerance_lsb: float = typer.Option(1.0, "--tolerance-lsb", min=0.0, help="Allowed difference, in output LSBs, where exactness is not required."),
+    check_optimized: bool = typer.Option(
+        True, "--check-optimized/--no-check-optimized",
+        help="Also verify at ORT_ENABLE_ALL (ONNX Runtime's own fusions), within --tolerance-lsb.",
+    ),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
 ) -> None:
@@ -90,7 +94,7 @@ def convert_command(
         feeds = load_inputs_npz(inputs, model) if inputs is not None else None
         result = convert(
             model, to, output_path=target_path, opset=opset, verify_result=not no_verify,
-            inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+            inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
         )
     except VerificationError as exc:
         report = exc.report
@@ -121,6 +125,10 @@ def verify_command(
     batches: int = typer.Option(16, "--batches", min=1),
     seed: int = typer.Option(0, "--seed"),
     tolerance_lsb: float = typer.Option(1.0, "--tolerance-lsb", min=0.0),
+    check_optimized: bool = typer.Option(
+        True, "--check-optimized/--no-check-optimized",
+        help="Also verify at ORT_ENABLE_ALL (ONNX Runtime's own fusions), within --tolerance-lsb.",
+    ),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the verification report as JSON."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
 ) -> None:
@@ -129,7 +137,7 @@ def verify_command(
         feeds = load_inputs_npz(inputs, original) if inputs is not None else None
         report = verify(
             ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
-            batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+            batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
         )
     except QlowerError as exc:
         raise _fail(exc) from None

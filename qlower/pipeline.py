@@ -137,8 +137,12 @@ def convert(
     batches: int = 16,
     seed: int = 0,
     tolerance_lsb: float = 1.0,
+    check_optimized: bool = True,
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
+
+    ``check_optimized`` False verifies at ``ORT_DISABLE_ALL`` only (for deployments that
+    do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
 
     Raises a :class:`qlower.errors.QlowerError` subclass for bad input (nothing is written)
     and :class:`qlower.errors.VerificationError` when verification fails (nothing is written).
@@ -166,7 +170,8 @@ def convert(
     if verify_result:
         start = time.perf_counter()
         report.verification = verify(
-            original, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb
+            original, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+            check_optimized=check_optimized,
         )
         seconds["verify"] = time.perf_counter() - start
         try:

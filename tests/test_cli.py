@@ -117,3 +117,37 @@ def test_output_must_not_overwrite_input(tmp_path: Path) -> None:
     proc = qlower_cli("convert", str(model), "-o", str(model))
     assert proc.returncode == 2 and "overwrite" in proc.stderr
     assert model.read_bytes() == EXAMPLE.read_bytes()
+
+
+def qgemm_bias_model() -> onnx.ModelProto:
+    """8-bit Gemm whose 31-bit bias (scale 0.25, zero point 1) is not on s_x*s_w: exact QCDQ,
+    but ORT_ENABLE_ALL fuses it into QGemm, which ignores the bias scale (SPEC 4 pitfall)."""
+    rng = np.random.default_rng(5)
+    domain = "qonnx.custom_op.general"
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in (
+        ("w", rng.normal(0, 1, (2, 3))), ("b", [3.0, -2.0]),
+        ("xs", 0.1), ("ws", 0.05), ("bs", 0.25), ("zero", 0.0), ("one", 1.0), ("b8", 8.0), ("b31", 31.0))]
+    nodes = [
+        helper.make_node("Quant", ["x", "xs", "zero", "b8"], ["xq"], name="act", domain=domain, signed=1),
+        helper.make_node("Quant", ["w", "ws", "zero", "b8"], ["wq"], name="weight", domain=domain, signed=1),
+        helper.make_node("Quant", ["b", "bs", "one", "b31"], ["bq"], name="bias", domain=domain, signed=1),
+        helper.make_node("Gemm", ["xq", "wq", "bq"], ["y"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(domain, 1)])
+
+
+def test_no_check_optimized_verifies_at_disable_all_only(tmp_path: Path) -> None:
+    model, out, report = tmp_path / "gemm.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(qgemm_bias_model(), str(model))
+    failed = qlower_cli("convert", str(model), "-o", str(out), "--report", str(report), "-q")
+    assert failed.returncode == 1 and "ORT_ENABLE_ALL" in failed.stderr, failed.stderr
+    assert not out.exists()
+    passed = qlower_cli("convert", str(model), "-o", str(out), "--report", str(report), "-q", "--no-check-optimized")
+    assert passed.returncode == 0, passed.stderr
+    records = json.loads(report.read_text())["verification"]["outputs"]
+    assert records and {record["level"] for record in records} == {"ORT_DISABLE_ALL"}
+    assert all(record["max_abs_diff"] == 0 for record in records)
+    assert qlower_cli("verify", str(model), str(out), "--no-check-optimized", "-q").returncode == 0
+    assert qlower_cli("verify", str(model), str(out), "-q").returncode == 1
