@@ -730,7 +730,7 @@ class _Tally:
                 rounding = (np.spacing(np.abs(reference)) + np.spacing(np.abs(got))).astype(np.float64) / step
                 whole = np.rint(units)
                 units = np.where(np.abs(units - whole) <= rounding, whole, units)
-        self.max_units = max(self.max_units, float(np.nan_to_num(units, nan=np.inf).max()))
+        self.max_units = max(self.max_units, float(np.nan_to_num(units, nan=np.inf, posinf=np.inf).max()))
 
 
 def _record(name: str, level: str, tally: _Tally, unit: _Unit, exact: bool, tolerance: float) -> OutputRecord:

@@ -419,3 +419,20 @@ def test_an_output_that_is_nan_everywhere_compares_without_warnings() -> None:
         report = verify(original, lowered, target="qop", inputs=inputs)
     assert report.passed, report.failures
     assert all(record.max_abs_diff == 0 for record in report.outputs)  # NaN equals NaN
+
+
+def test_a_difference_against_an_all_zero_float_output_is_infinite_units() -> None:
+    """A float output whose reference is zero everywhere has a zero unit; any difference is
+    infinitely many units and must be reported as inf, not as the largest float."""
+    def scaled(factor: float) -> onnx.ModelProto:
+        return _model(
+            [helper.make_node("Mul", ["x", "k"], ["y"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [_const("k", factor)],
+        )
+
+    report = verify(scaled(0.0), scaled(1e-30), target="qop", check_optimized=False, batches=1)
+    assert not report.passed
+    assert report.outputs[0].max_unit_diff == float("inf")
+    assert report.to_dict()["outputs"][0]["max_unit_diff"] == "inf"
