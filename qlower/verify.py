@@ -23,10 +23,14 @@ minifloat's spacing at each reference value.
 
 An output with no grid (float logits, a Softmax after the last quantizer) has no LSB, so
 ``max_lsb_diff`` is None. Where a tolerance applies it is measured against what one step
-upstream does to it: the reference runs a second time with every element of the nearest
+upstream does to it: the reference runs twice more with every element of the nearest
 activation quantizers upstream (the "frontier"; the weight quantizers when no activation
-is quantized) moved by one step with a random sign (seeded), and the output's largest
-change in that run is the unit for that batch. So ``tolerance_lsb`` 1 lets a float head
+is quantized) moved by one step with random signs (seeded), and, when the frontier has
+more than one tensor, once more per tensor moved alone; the output's largest change in
+those runs is the unit for that batch. (Moving all at once can cancel: an Add of two
+quantized tensors moved by +1 and -1 step does not move, and a one-step tie difference
+in one of them then measured as thousands of units.) So
+``tolerance_lsb`` 1 lets a float head
 move about as far as one step of error in every element feeding it moves it; gross
 errors (a wrong bias scale, weights on the wrong axis) fail. An output with no quantizer
 upstream at all is pure float; its unit is 2^-16 of the reference's largest magnitude,
@@ -576,7 +580,8 @@ def _output_unit(index: _Graph, name: str) -> _Unit:
     frontier = _frontier(index, name)
     if frontier:
         labels = ", ".join(repr(label) for _, label, _ in frontier)
-        source = f"no grid on this output; unit = its largest change when {labels} move by one step (random signs)"
+        how = "random signs" if len(frontier) == 1 else "random signs; together and one at a time"
+        source = f"no grid on this output; unit = its largest change when {labels} move by one step ({how})"
         return _Unit("probe", source, frontier=tuple((tensor, step) for tensor, _, step in frontier))
     return _Unit("float", "no quantizer on or upstream of this output; unit = 2^-16 of its largest magnitude", _float_unit)
 
@@ -588,7 +593,8 @@ def _probe(
     units: dict[str, _Unit],
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """Per probed output, the largest change when every frontier element moves by +-1 step."""
+    """Per probed output, the largest change when its frontier moves by one step with random
+    signs: every frontier tensor at once, and each alone (moving all at once can cancel)."""
     steps = {tensor: step for unit in units.values() for tensor, step in unit.frontier}
 
     def nudge(step: StepFunction) -> Callable[[np.ndarray], np.ndarray]:
@@ -598,18 +604,21 @@ def _probe(
 
         return move
 
-    moved = reference.run(feeds, perturb={tensor: nudge(step) for tensor, step in steps.items()})
-    changes = {}
-    for name, unit in units.items():
-        if unit.kind == "probe":
-            reference_value = expected[name].astype(np.float64)
+    runs = [list(steps)] + ([[tensor] for tensor in steps] if len(steps) > 1 else [])
+    largest: dict[str, float] = {name: 0.0 for name, unit in units.items() if unit.kind == "probe"}
+    for moved_tensors in runs:
+        moved = reference.run(feeds, perturb={tensor: nudge(steps[tensor]) for tensor in moved_tensors})
+        for name in largest:
             with np.errstate(invalid="ignore"):
-                change = np.abs(moved[name].astype(np.float64) - reference_value)
+                change = np.abs(moved[name].astype(np.float64) - expected[name].astype(np.float64))
             measured = change[~np.isnan(change)]  # NaN where the reference itself is NaN
-            largest = float(measured.max()) if measured.size else 0.0
-            # A saturated head (Softmax at 0 and 1) barely moves: never below the float unit.
-            changes[name] = np.asarray(max(largest, float(_float_unit(reference_value))))
-    return changes
+            if measured.size:
+                largest[name] = max(largest[name], float(measured.max()))
+    # A saturated head (Softmax at 0 and 1) barely moves: never below the float unit.
+    return {
+        name: np.asarray(max(change, float(_float_unit(expected[name].astype(np.float64)))))
+        for name, change in largest.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------
