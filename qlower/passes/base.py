@@ -18,6 +18,8 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 
 @dataclass
 class QuantizerRecord:
@@ -127,13 +129,12 @@ class GraphPass(ABC):
 # ---- graph-building vocabulary shared by the passes ----------------------------------
 
 
-class Emitter:
-    """Builds nodes named after the quantizer they replace, so names are deterministic."""
+class NodeEmitter:
+    """Builds nodes named after ``prefix`` (what they replace), so names are deterministic."""
 
-    def __init__(self, ctx: LoweringContext, q: Quantizer) -> None:
-        self.graph = ctx.graph
-        self.prefix = q.name
-        self.final_output = q.output
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
         self.counter = 0
 
     def constant(self, suffix: str, value: np.ndarray) -> gs.Constant:
@@ -145,17 +146,42 @@ class Emitter:
         inputs: Sequence[gs.Tensor],
         attrs: dict[str, object] | None = None,
         dtype: np.dtype | type | None = np.float32,
+    ) -> gs.Variable:
+        """Append ``op`` with a new output tensor of ``dtype``."""
+        name = self._next_name(op)
+        output = gs.Variable(f"{name}:0", dtype=dtype)
+        self.write(op, inputs, output, attrs, name=name)
+        return output
+
+    def write(self, op: str, inputs: Sequence[gs.Tensor], output: gs.Tensor, attrs: dict[str, object] | None = None, *, name: str) -> None:
+        """Append ``op`` named ``name``, writing into an existing tensor (a replaced node's output)."""
+        self.graph.nodes.append(gs.Node(op, name, attrs or {}, list(inputs), [output]))
+
+    def _next_name(self, op: str) -> str:
+        self.counter += 1
+        return f"{self.prefix}/{op}_{self.counter}"
+
+
+class Emitter(NodeEmitter):
+    """A NodeEmitter for one quantizer: named after it, and able to write its output tensor."""
+
+    def __init__(self, ctx: LoweringContext, q: Quantizer) -> None:
+        super().__init__(ctx.graph, q.name)
+        self.final_output = q.output
+
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[gs.Tensor],
+        attrs: dict[str, object] | None = None,
+        dtype: np.dtype | type | None = np.float32,
         final: bool = False,
     ) -> gs.Variable:
         """Append ``op``; when ``final`` its output is the quantizer's own output tensor."""
-        self.counter += 1
-        name = f"{self.prefix}/{op}_{self.counter}"
-        if final:
-            output = self.final_output
-        else:
-            output = gs.Variable(f"{name}:0", dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, name, attrs or {}, list(inputs), [output]))
-        return output
+        if not final:
+            return super().node(op, inputs, attrs, dtype)
+        self.write(op, inputs, self.final_output, attrs, name=self._next_name(op))
+        return self.final_output
 
 
 def scalar_or_vector(value: np.ndarray, axis: int | None, dtype: np.dtype | type) -> np.ndarray:

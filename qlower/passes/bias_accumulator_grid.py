@@ -16,13 +16,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import GraphPass, LoweringContext, UnitRecord
+from .base import GraphPass, LoweringContext, NodeEmitter, UnitRecord
 from .integer_paths import integer_path
 from .integer_units import (
     F32,
     IntegerWeight,
     Refused,
-    UnitEmitter,
     accumulator_bias,
     constant_float,
     integer_weight,
@@ -86,13 +85,13 @@ class BiasAccumulatorGrid(GraphPass):
                 records.append(UnitRecord(node.name, node.op, self.name, None,
                                           f"{refused}; ORT's integer fusion may add it at the wrong scale"))
                 continue
-            em = UnitEmitter(ctx.graph, f"{node.name}/bias")
+            em = NodeEmitter(ctx.graph, f"{node.name}/bias")
             attrs = {} if accumulator_scale.ndim == 0 else {"axis": rescaled.ndim - 1}
             consumer.inputs[index] = em.node(
                 "DequantizeLinear",
                 [em.constant("int32", rescaled), em.constant("scale", accumulator_scale),
                  em.constant("zero_point", np.zeros(accumulator_scale.shape, np.int32))],
-                F32, attrs,
+                attrs,
             )
             records.append(UnitRecord(node.name, node.op, self.name,
                                       f"bias moved to int32 at the accumulator scale s_x*s_w (exact, was scale {float(stored_scale.reshape(-1)[0]):g})"))

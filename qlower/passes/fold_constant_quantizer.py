@@ -16,9 +16,7 @@ import numpy as np
 
 from .. import semantics
 from ..analysis import Quantizer, per_axis_layout
-from .base import Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
-
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+from .base import INT32_MAX, INT32_MIN, Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
 
 
 def _container(q: Quantizer) -> type:

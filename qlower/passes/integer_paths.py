@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .base import NodeEmitter
 from .integer_units import (
     F32,
     IntegerActivation,
     IntegerWeight,
     OutputQuantizer,
     Refused,
-    UnitEmitter,
     check_accumulator,
     check_requantization,
     detach,
@@ -171,7 +171,7 @@ class UnitRewrite:
     """A matched unit after the first steps of its rewrite: the input on the integers, every
     int8 region of the unit stored as uint8, the weights made safe for the u8s8 kernel."""
 
-    em: UnitEmitter
+    em: NodeEmitter
     x: IntegerActivation
     weight: IntegerWeight
     out: OutputQuantizer
@@ -185,4 +185,4 @@ def start_rewrite(graph: gs.Graph, name: str, x: IntegerPath, weight: IntegerWei
     activation = x.materialize(graph)
     for region in int8_regions(graph, [activation], out):
         region.to_uint8()
-    return UnitRewrite(UnitEmitter(graph, name), activation.as_uint8(), safe_weight, out.as_uint8(), path_note, weight_note)
+    return UnitRewrite(NodeEmitter(graph, name), activation.as_uint8(), safe_weight, out.as_uint8(), path_note, weight_note)

@@ -17,12 +17,11 @@ from typing import ClassVar, Generic, Sequence, TypeVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import GraphPass, LoweringContext, UnitRecord
+from .base import INT32_MAX, INT32_MIN, GraphPass, LoweringContext, NodeEmitter, UnitRecord
 
 F32 = np.float32
 UINT8 = np.dtype(np.uint8)
 EIGHT_BIT = (np.dtype(np.int8), UINT8)
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Largest int8 weight magnitude the u8s8 kernel of x86 CPUs without VNNI sums without
 # saturating: it adds pairs of u8*s8 products in int16 (255*64*2 < 2^15 <= 255*65*2).
 U8S8_SAFE_MAGNITUDE = 64
@@ -59,29 +58,6 @@ class ComputeUnitPass(GraphPass, Generic[Unit]):
             became, note = self.rewrite_unit(ctx.graph, unit)
             records.append(UnitRecord(node.name, node.op, self.name, became, note))
         return records
-
-
-class UnitEmitter:
-    """Builds the nodes of one rewritten unit, named after its compute node."""
-
-    def __init__(self, graph: gs.Graph, prefix: str) -> None:
-        self.graph = graph
-        self.prefix = prefix
-        self.counter = 0
-
-    def constant(self, suffix: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{suffix}", np.array(value, order="C"))
-
-    def node(self, op: str, inputs: Sequence[gs.Tensor], dtype: np.dtype | type, attrs: dict[str, object] | None = None) -> gs.Variable:
-        """Append ``op`` with a new output tensor of ``dtype``."""
-        self.counter += 1
-        output = gs.Variable(f"{self.prefix}/{op}_{self.counter}:0", dtype=dtype)
-        self.write(op, inputs, output, attrs, name=f"{self.prefix}/{op}_{self.counter}")
-        return output
-
-    def write(self, op: str, inputs: Sequence[gs.Tensor], output: gs.Tensor, attrs: dict[str, object] | None = None, *, name: str) -> None:
-        """Append ``op`` named ``name``, writing into an existing tensor (a replaced node's output)."""
-        self.graph.nodes.append(gs.Node(op, name, attrs or {}, list(inputs), [output]))
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -507,7 +483,7 @@ def skip_relu(graph: gs.Graph, tensor: gs.Tensor) -> tuple[gs.Node | None, gs.Te
     return None, tensor
 
 
-def requantized_output(em: UnitEmitter, out: OutputQuantizer, relu: bool) -> tuple[gs.Tensor, str]:
+def requantized_output(em: NodeEmitter, out: OutputQuantizer, relu: bool) -> tuple[gs.Tensor, str]:
     """Where the integer operator writes, and the range note for the report.
 
     ``Relu`` before the quantizer is ``max(q, zp)`` after it (quantization is monotone and

@@ -115,7 +115,7 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
         target, range_note = requantized_output(em, out, relu=unit.relu is not None)
         x_values = x.values
         if unit.transpose_x:
-            x_values = em.node("Transpose", [x_values], UINT8, {"perm": [1, 0]})
+            x_values = em.node("Transpose", [x_values], {"perm": [1, 0]}, UINT8)
         x_zero_point = em.constant("x_zero_point", x.zero_point)
         w = em.constant("w_quantized", weight.values)
         w_zero_point = em.constant("w_zero_point", weight.zero_point)
@@ -126,10 +126,10 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
             em.write("QLinearMatMul", inputs, target, name=name)
             became = f"QLinearMatMul (uint8 x, {describe_weight(weight)}, uint8 y)"
         else:
-            accumulator = em.node("MatMulInteger", [x_values, w, x_zero_point, w_zero_point], np.int32)
-            accumulator = em.node("Add", [accumulator, em.constant("bias_int32", unit.bias)], np.int32)
-            real = em.node("Cast", [accumulator], F32, {"to": onnx.TensorProto.FLOAT})
-            real = em.node("Mul", [real, em.constant("accumulator_scale", unit.accumulator_scale)], F32)
+            accumulator = em.node("MatMulInteger", [x_values, w, x_zero_point, w_zero_point], dtype=np.int32)
+            accumulator = em.node("Add", [accumulator, em.constant("bias_int32", unit.bias)], dtype=np.int32)
+            real = em.node("Cast", [accumulator], {"to": onnx.TensorProto.FLOAT})
+            real = em.node("Mul", [real, em.constant("accumulator_scale", unit.accumulator_scale)])
             em.write("QuantizeLinear", [real, y_scale, y_zero_point], target, name=f"{name}/requantize")
             became = (f"MatMulInteger (uint8 x, {describe_weight(weight)}) + int32 bias -> Cast -> Mul(sx*sw) "
                       "-> QuantizeLinear(uint8)")
