@@ -16,7 +16,7 @@ from .errors import (
     VerificationError,
 )
 from .pipeline import ConversionReport, ConversionResult, convert
-from .verify import VerificationReport, verify
+from .verification import VerificationReport, verify
 
 __all__ = [
     "ConversionReport",

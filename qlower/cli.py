@@ -18,7 +18,7 @@ from rich.table import Table
 from . import ir
 from .errors import QlowerError, VerificationError
 from .pipeline import TARGETS, ConversionReport, convert
-from .verify import VerificationReport, load_inputs_npz, verify
+from .verification import VerificationReport, load_inputs_npz, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Lower QONNX models to standard, verified ONNX.")
 stdout = Console()

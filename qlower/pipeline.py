@@ -22,7 +22,7 @@ from .errors import InvalidModelError, UnsupportedError
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
 from .errors import VerificationError
 from .passes.registry import graph_passes_for, quantizer_passes_for
-from .verify import VerificationReport, verify
+from .verification import VerificationReport, verify
 
 TARGETS = ("qcdq", "qop")
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})

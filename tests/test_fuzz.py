@@ -43,7 +43,7 @@ import qlower
 import qlower.ir
 from qlower.ir import QONNX_DOMAINS
 from qlower.reference import ReferenceExecutor, make_session
-from qlower.verify import make_inputs
+from qlower.verification import make_inputs
 
 from fuzz_graphs import FuzzCase, fuzz_cases
 

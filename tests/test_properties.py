@@ -31,7 +31,7 @@ import qlower
 import qlower.ir
 import qlower.pipeline
 from qlower.errors import InvalidQuantizerError, VerificationError
-from qlower.verify import VerificationReport
+from qlower.verification import VerificationReport
 
 from fuzz_graphs import FuzzCase, fuzz_cases
 from paths import BREVITAS_DIR, ZOO_DIR

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qlower
 from qlower.ir import OP_ALIASES, is_qonnx_node
-from qlower.verify import make_inputs
+from qlower.verification import make_inputs
 
 from paths import BREVITAS_DIR, BREVITAS_MANIFEST, ZOO_MODELS
 

@@ -28,7 +28,7 @@ from qlower import semantics
 from qlower.errors import InvalidModelError, InvalidQuantizerError, UnsupportedError
 from qlower.ir import QONNX_DOMAINS, load_model
 from qlower.reference import ReferenceExecutor, evaluate_qonnx_node, make_session
-from qlower.verify import make_inputs
+from qlower.verification import make_inputs
 
 F32 = np.float32
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qlower
 from helpers import QONNX_DOMAIN, make_qonnx_model, make_quant_model
 from qlower.errors import ModelLoadError, UnsupportedError, VerificationError
-from qlower.verify import OPTIMIZED, UNOPTIMIZED, load_inputs_npz, make_inputs, verify
+from qlower.verification import OPTIMIZED, UNOPTIMIZED, load_inputs_npz, make_inputs, verify
 
 F32 = np.float32
 
