@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import ir
+from . import ir, taps
 from .analysis import analyse
 from .errors import InvalidModelError, UnsupportedError
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
@@ -164,6 +164,7 @@ def convert(
     quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in rule.run(ctx)]
     lowered = _finish(graph, normalized)
+    taps.attach(lowered, ctx.taps)
     seconds["lower"] = time.perf_counter() - start
 
     report = ConversionReport(to, input_opset, output_opset, quantizer_records, unit_records, folded, seconds=seconds)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
+from ..taps import Tap
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -49,11 +50,16 @@ class QuantizerRecord:
 
 @dataclass
 class LoweringContext:
-    """What every pass may read: the graph being rewritten and the output settings."""
+    """What every pass may read: the graph being rewritten and the output settings.
+
+    ``taps`` collects where quantizer outputs a pass turned into integer tensors now live
+    (see :mod:`qlower.taps`); the pipeline writes them into the lowered model.
+    """
 
     graph: gs.Graph
     opset: int
     target: str
+    taps: list[Tap] = field(default_factory=list)
 
 
 class QuantizerPass(ABC):
