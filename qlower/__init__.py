@@ -5,6 +5,7 @@ Python API::
     import qlower
     result = qlower.convert("model.onnx", to="qcdq")   # ConversionResult(model, report)
     report = qlower.verify("model.onnx", result.model)  # VerificationReport
+    summary = qlower.inspect("model.onnx")              # InspectionReport
 """
 
 from .errors import (
@@ -15,12 +16,14 @@ from .errors import (
     UnsupportedError,
     VerificationError,
 )
+from .inspection import InspectionReport, inspect
 from .pipeline import ConversionReport, ConversionResult, convert
 from .verification import VerificationReport, verify
 
 __all__ = [
     "ConversionReport",
     "ConversionResult",
+    "InspectionReport",
     "InvalidModelError",
     "InvalidQuantizerError",
     "ModelLoadError",
@@ -29,5 +32,6 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "convert",
+    "inspect",
     "verify",
 ]

@@ -221,6 +221,31 @@ def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
     )
 
 
+def _uniform_or_list(values: np.ndarray) -> float | list[float]:
+    flat = np.asarray(values, np.float64).reshape(-1)
+    return float(flat[0]) if flat.size and np.all(flat == flat[0]) else [float(v) for v in flat]
+
+
+def describe(q: Quantizer) -> dict[str, object]:
+    """The quantizer's parameters as a user reads them (for reports and ``qlower inspect``).
+
+    ``layout`` is "per-tensor", "per-channel" (with ``axis``) or "multi-axis" (scales or
+    zero points varying along several axes: no single-axis Q/DQ expresses them).
+    """
+    params = [q.scale, q.zero_point]
+    fits, axis = per_axis_layout(params, q.input_rank)
+    layout = "multi-axis" if not fits else ("per-tensor" if axis is None else "per-channel")
+    return {
+        "tensor": q.output.name,
+        "signed": q.signed,
+        "narrow": q.narrow,
+        "rounding_mode": None if q.op == "BipolarQuant" else q.rounding_mode,
+        "layout": layout,
+        "axis": axis,
+        "zero_point": _uniform_or_list(q.zero_point),
+    }
+
+
 def analyse(graph: gs.Graph) -> list[Quantizer]:
     """The quantizer table, in graph order."""
     return [analyse_node(node) for node in graph.nodes if is_qonnx_node(node)]

@@ -17,10 +17,12 @@ from rich.table import Table
 
 from . import ir
 from .errors import QlowerError, VerificationError
+from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
+from .report_schema import qlower_version
 from .verification import VerificationReport, load_inputs_npz, verify
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Lower QONNX models to standard, verified ONNX.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 stdout = Console()
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -66,6 +68,98 @@ def _print_verification(report: VerificationReport, quiet: bool) -> None:
         table.add_row(row.name, row.level, f"{row.max_abs_diff:g}", lsb, f"{row.differing_share:.2%}")
     stdout.print(table)
     stdout.print("[green]verified[/green]" if report.passed else "[red]verification failed[/red]")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        stdout.print(f"qlower {qlower_version()}", markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Lower QONNX models to standard, verified ONNX."""
+
+
+def _bits(value: object) -> str:
+    return "float" if value is None else f"{value:g}"
+
+
+def _print_inspection(report: InspectionReport) -> None:
+    data = report.to_dict()
+    targets = list(report.lowerings)
+    table = Table(title=f"{report.model or 'model'}: {len(report.quantizers)} quantizers (opset {report.opset})")
+    for column in ("node", "op", "role", "bits", "signed", "layout", "zero point", "rounding"):
+        table.add_column(column, overflow="fold")
+    for q in report.quantizers:
+        layout = f"per-channel, axis {q['axis']}" if q["layout"] == "per-channel" else str(q["layout"])
+        zero_point = q["zero_point"]
+        shown_zp = f"{len(zero_point)} values" if isinstance(zero_point, list) else f"{zero_point:g}"
+        signed = ("yes" if q["signed"] else "no") + (", narrow" if q["narrow"] else "")
+        table.add_row(str(q["node"]), str(q["op"]), str(q["role"]), _bits(q["bits"]), signed, layout, shown_zp, str(q["rounding_mode"] or "-"))
+    stdout.print(table)
+    for target in targets:
+        if report.lowerings[target]["refused"]:
+            continue
+        became = Table(title=f"what --to {target} makes of each quantizer")
+        for column in ("node", "pass", "becomes", "why not an earlier pass"):
+            became.add_column(column, overflow="fold")
+        for q in report.quantizers:
+            entry = q["lowerings"][target]
+            why = "; ".join(f"{s['pass']}: {s['reason']}" for s in entry["skipped"]) or "-"
+            became.add_row(str(q["node"]), str(entry["lowered_by"]), str(entry["emitted"]) + (" [float path]" if entry["float_path"] else ""), why)
+        stdout.print(became)
+    fusing = [t for t in targets if any(t in unit.lowerings for unit in report.units)]
+    if report.units:
+        units = Table(title="compute units (MACs as qonnx's inference_cost counts them, dense)")
+        for column in ("node", "op", "act bits", "weight bits", "MACs", "weight params", *(f"--to {t}" for t in fusing)):
+            units.add_column(column, overflow="fold")
+        for unit in report.units:
+            kernels = []
+            for target in fusing:
+                entry = unit.lowerings[target]
+                kernels.append(str(entry["became"]) if entry["integer_kernel"] else f"stays QCDQ: {entry['reason']}")
+            units.add_row(unit.node, unit.op, _bits(unit.activation_bits), _bits(unit.weight_bits),
+                          "?" if unit.macs is None else f"{unit.macs:,}", "?" if unit.weight_params is None else f"{unit.weight_params:,}", *kernels)
+        stdout.print(units)
+    summary = data["summary"]
+    cost = Table(title="summary by bit width")
+    for column in ("act bits", "weight bits", "units", "MACs", "weight params"):
+        cost.add_column(column)
+    for row in summary["cost"]:
+        cost.add_row(_bits(row["activation_bits"]), _bits(row["weight_bits"]), str(row["units"]), f"{row['macs']:,}", f"{row['weight_params']:,}")
+    cost.add_row("total", "", str(len(report.units)), f"{summary['total_macs']:,}", f"{summary['total_weight_params']:,}")
+    stdout.print(cost)
+    counts = ", ".join(f"{c['count']} {c['role']} {c['op']} {_bits(c['bits'])}-bit" for c in summary["quantizers_by_bits"])
+    stdout.print(f"quantizers: {counts}")
+    for target, lowering in report.lowerings.items():
+        if lowering["refused"]:
+            stdout.print(f"--to {target}: refused: {lowering['refused']}", markup=False)
+            continue
+        kernels = lowering["ort_kernels"]
+        fused = sum(1 for unit in report.units if unit.lowerings.get(target, {}).get("integer_kernel"))
+        line = f"--to {target}: ONNX Runtime (ORT_ENABLE_ALL) runs {kernels['integer']} integer and {kernels['float']} float compute kernels"
+        if target in fusing:
+            line += f"; qlower fuses {fused} of {len(report.units)} units"
+        stdout.print(line, markup=False)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Path = typer.Argument(..., help="QONNX (or QCDQ) model to describe (.onnx)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Describe MODEL: every quantizer and what each target makes of it, costs per bit width."""
+    try:
+        report = inspect(model)
+    except QlowerError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    else:
+        _print_inspection(report)
 
 
 @app.command("convert")

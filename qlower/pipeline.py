@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir, taps
-from .analysis import analyse
+from .analysis import analyse, describe
 from .errors import InvalidModelError, UnsupportedError
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
 from .errors import VerificationError
@@ -89,7 +89,7 @@ def _fold_constant_subgraphs(graph: gs.Graph) -> int:
 
 def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext) -> list[QuantizerRecord]:
     table = analyse(graph)
-    records = {q.name: QuantizerRecord(q.name, q.op, q.role, q.bit_width) for q in table}
+    records = {q.name: QuantizerRecord(q.name, q.op, q.role, q.bit_width, details=describe(q)) for q in table}
     if len(records) != len(table):
         names = [q.name for q in table]
         duplicate = next(name for name in names if names.count(name) > 1)

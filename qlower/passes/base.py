@@ -34,6 +34,8 @@ class QuantizerRecord:
     emitted: str | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     float_path: bool = False
+    # The quantizer's parameters as analysis.describe gives them (tensor, signed, layout, ...).
+    details: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -41,6 +43,7 @@ class QuantizerRecord:
             "op": self.op,
             "role": self.role,
             "bits": self.bits,
+            **self.details,
             "lowered_by": self.lowered_by,
             "emitted": self.emitted,
             "float_path": self.float_path,
