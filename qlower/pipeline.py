@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from . import ir, taps
 from .analysis import analyse, describe
+from .report_schema import header
 from .errors import InvalidModelError, UnsupportedError
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
 from .errors import VerificationError
@@ -48,6 +49,7 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, object]:
         return {
+            **header("convert"),
             "target": self.target,
             "input_opset": self.input_opset,
             "output_opset": self.output_opset,

@@ -7,9 +7,12 @@ fields keep it).
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
+from pathlib import Path
 
 SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 
 def qlower_version() -> str:
@@ -23,3 +26,8 @@ def qlower_version() -> str:
 def header(kind: str) -> dict[str, object]:
     """The fields every report starts with."""
     return {"schema": SCHEMA_VERSION, "kind": kind, "qlower_version": qlower_version()}
+
+
+def load_schema() -> dict[str, object]:
+    """The JSON Schema every report validates against (draft 2020-12)."""
+    return json.loads(SCHEMA_PATH.read_text())

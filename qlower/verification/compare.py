@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import VerificationError
+from ..report_schema import header
 from .units import Unit
 
 @dataclass
@@ -59,6 +60,7 @@ class VerificationReport:
 
     def to_dict(self) -> dict[str, object]:
         return {
+            **header("verify"),
             "passed": self.passed,
             "target": self.target,
             "tolerance_lsb": self.tolerance_lsb,
