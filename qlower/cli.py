@@ -177,6 +177,10 @@ def convert_command(
         True, "--check-optimized/--no-check-optimized",
         help="Also verify at ORT_ENABLE_ALL (ONNX Runtime's own fusions), within --tolerance-lsb.",
     ),
+    x86_without_vnni: bool = typer.Option(
+        False, "--x86-without-vnni",
+        help="qop: keep int8 weights exact on x86 CPUs without VNNI (|w| <= 64, else slower uint8 weights).",
+    ),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
 ) -> None:
@@ -189,6 +193,7 @@ def convert_command(
         result = convert(
             model, to, output_path=target_path, opset=opset, verify_result=not no_verify,
             inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
+            x86_without_vnni=x86_without_vnni,
         )
     except VerificationError as exc:
         report = exc.report

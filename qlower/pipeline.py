@@ -140,11 +140,14 @@ def convert(
     seed: int = 0,
     tolerance_lsb: float = 1.0,
     check_optimized: bool = True,
+    x86_without_vnni: bool = False,
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
 
     ``check_optimized`` False verifies at ``ORT_DISABLE_ALL`` only (for deployments that
     do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
+    ``x86_without_vnni`` (qop): keep integer weights exact on x86 CPUs without VNNI too
+    (|k*w| <= 64, else uint8 weights for the slower u8u8 kernel), reported per unit.
 
     Raises a :class:`qlower.errors.QlowerError` subclass for bad input (nothing is written)
     and :class:`qlower.errors.VerificationError` when verification fails (nothing is written).
@@ -162,7 +165,7 @@ def convert(
     seconds["load_normalize"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ctx = LoweringContext(graph=graph, opset=output_opset, target=to)
+    ctx = LoweringContext(graph=graph, opset=output_opset, target=to, x86_without_vnni=x86_without_vnni)
     quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in rule.run(ctx)]
     lowered = _finish(graph, normalized)

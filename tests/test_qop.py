@@ -1,5 +1,6 @@
-"""``--to qop``: quantized compute units become QLinearConv / QLinearMatMul (MatMulInteger
-with a bias), the rest stays exact QCDQ, and every result verifies within one LSB."""
+"""``--to qop``: quantized compute units (with the constant affine ops after them) become
+QLinearConv / MatMulInteger with exact per-channel requantization, the rest stays exact
+QCDQ, and every result verifies within one LSB."""
 
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def test_conv_becomes_qlinearconv(case: str, per_channel: bool) -> None:
     x_zp, w, w_scale, w_zp, y_zp, bias = (init(model, conv.input[i]) for i in (2, 3, 4, 5, 7, 8))
     assert x_zp.dtype == np.uint8 and int(x_zp) == 128  # signed int8 input, shifted bit-identically
     assert w.dtype == np.int8 and w.shape == w_shape and not np.any(w_zp)
-    assert w_scale.shape == ((w_shape[0],) if per_channel else ())
+    assert w_scale.shape == (w_shape[0],)  # the exact multiplier M' is per channel
+    assert float(init(model, conv.input[1])) == float(init(model, conv.input[6])) == 1.0  # x_scale = y_scale = 1
     assert y_zp.dtype == np.uint8 and int(y_zp) == 0
     assert bias.dtype == np.int32 and bias.shape == (w_shape[0],)
     assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}.get("group", 1) == attrs.get("group", 1)
@@ -178,12 +180,13 @@ def test_conv_becomes_qlinearconv(case: str, per_channel: bool) -> None:
 @pytest.mark.parametrize(
     "op, x_shape, w_shape, attrs, bias, per_channel_axis, expected",
     [
-        ("MatMul", (2, 5, 16), (16, 8), {}, False, 1, "QLinearMatMul"),
+        ("MatMul", (2, 5, 16), (16, 8), {}, False, 1, "MatMulInteger"),
         ("MatMul", (3, 16), (16, 8), {}, True, None, "MatMulInteger"),
         ("Gemm", (3, 16), (8, 16), {"transB": 1}, True, 0, "MatMulInteger"),
-        ("Gemm", (16, 3), (16, 8), {"transA": 1}, False, None, "QLinearMatMul"),
+        ("Gemm", (16, 3), (16, 8), {"transA": 1}, False, None, "MatMulInteger"),
+        ("Gemm", (3, 16), (16, 8), {"alpha": 0.5, "beta": 2.0}, True, None, "MatMulInteger"),
     ],
-    ids=["matmul_3d_per_column", "matmul_add_bias", "gemm_transB_bias_per_channel", "gemm_transA"],
+    ids=["matmul_3d_per_column", "matmul_add_bias", "gemm_transB_bias_per_channel", "gemm_transA", "gemm_alpha_beta"],
 )
 def test_matmul_and_gemm(op: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], attrs: dict[str, object],
                          bias: bool, per_channel_axis: int | None, expected: str) -> None:
@@ -192,15 +195,13 @@ def test_matmul_and_gemm(op: str, x_shape: tuple[int, ...], w_shape: tuple[int, 
     ops = Counter(n.op_type for n in result.model.graph.node)
     assert ops[expected] == 1 and not ops["MatMul"] and not ops["Gemm"]
     (node,) = nodes_of(result.model, expected)
-    weight_position = 3 if expected == "QLinearMatMul" else 1
-    w = init(result.model, node.input[weight_position])
+    w = init(result.model, node.input[1])
     assert w.dtype == np.int8 and w.shape == (16, 8)  # Gemm's transB folded into [K, N]
-    if per_channel_axis is not None:
-        w_zp = init(result.model, node.input[5 if expected == "QLinearMatMul" else 3])
-        assert w_zp.shape == (8,)  # per output column
-    if expected == "MatMulInteger":
-        (add,) = [n for n in result.model.graph.node if n.op_type == "Add" and n.input[0] == node.output[0]]
-        assert init(result.model, add.input[1]).dtype == np.int32
+    assert not np.any(init(result.model, node.input[3]))  # weight zero point 0
+    (add,) = [n for n in result.model.graph.node if n.op_type == "Add" and n.input[0] == node.output[0]]
+    assert init(result.model, add.input[1]).dtype == np.int32 and init(result.model, add.input[1]).shape == (8,)
+    (mul,) = nodes_of(result.model, "Mul")
+    assert init(result.model, mul.input[1]).shape == (8,)  # the per-column multiplier M'
     if attrs.get("transA"):
         (transpose,) = nodes_of(result.model, "Transpose")
         assert transpose.output[0] == node.input[0]
@@ -224,8 +225,9 @@ def test_relu_folds_into_the_integer_clip() -> None:
 
 def test_sub_8_bit_output_keeps_its_integer_clip() -> None:
     result = convert_qop(unit_model("MatMul", (3, 16), (16, 8), bias=False, y_bits=3))
-    (matmul,), (clip,) = nodes_of(result.model, "QLinearMatMul"), nodes_of(result.model, "Clip")
-    assert clip.input[0] == matmul.output[0]
+    (quantize,) = [n for n in nodes_of(result.model, "QuantizeLinear") if n.name == "compute/requantize"]
+    (clip,) = nodes_of(result.model, "Clip")
+    assert clip.input[0] == quantize.output[0]
     assert (int(init(result.model, clip.input[1])), int(init(result.model, clip.input[2]))) == (0, 7)
 
 
@@ -237,16 +239,25 @@ def test_output_zero_point_form_is_folded() -> None:
     assert not nodes_of(result.model, "Div") and not nodes_of(result.model, "Add")
 
 
-def test_wide_int8_weights_use_the_overflow_safe_kernel() -> None:
-    """|w| > 64 overflows ORT's u8s8 kernel on x86 without VNNI: store uint8 (zp + 128)."""
-    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=8))
+def test_int8_weights_by_default_and_the_x86_without_vnni_option() -> None:
+    """int8 weights (the fast u8s8 kernel, exact with VNNI/AMX and on ARM) by default; for
+    x86 without VNNI, weights above |w| = 64 are stored uint8 (zero point 128, u8u8 kernel)."""
+    model = unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=8)
+    result = convert_qop(model)
+    (conv,) = nodes_of(result.model, "QLinearConv")
+    w = init(result.model, conv.input[3])
+    assert w.dtype == np.int8 and int(np.abs(w.astype(int)).max()) > 64
+    result = qlower.convert(model, to="qop", batches=4, x86_without_vnni=True)
+    assert result.report.verification.passed
     (conv,) = nodes_of(result.model, "QLinearConv")
     w, w_zp = init(result.model, conv.input[3]), init(result.model, conv.input[5])
     assert w.dtype == np.uint8 and int(w_zp) == 128 and int(np.abs(w.astype(int) - 128).max()) > 64
-    assert "u8s8" in unit_record(result)["reason"]
-    # Seven bits never exceed 64: int8 weights (the fast u8s8 kernel), no note.
-    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=7))
-    assert init(result.model, nodes_of(result.model, "QLinearConv")[0].input[3]).dtype == np.int8
+    assert "u8u8" in unit_record(result)["reason"]
+    # Seven bits never exceed 64: int8 weights, k * w kept within 64, no note.
+    result = qlower.convert(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), w_bits=7), to="qop", batches=4,
+                            x86_without_vnni=True)
+    w = init(result.model, nodes_of(result.model, "QLinearConv")[0].input[3])
+    assert w.dtype == np.int8 and int(np.abs(w.astype(int)).max()) <= 64
     assert unit_record(result)["reason"] is None
 
 
@@ -259,16 +270,12 @@ def test_bias_on_a_coarser_grid_is_rescaled_exactly() -> None:
 
 FALLBACKS = {
     "convtranspose": (dict(op="ConvTranspose", x_shape=(1, 4, 5, 5), w_shape=(4, 4, 3, 3)), "no integer ConvTranspose"),
-    "gemm_alpha": (dict(op="Gemm", x_shape=(3, 16), w_shape=(16, 8), attrs={"alpha": 0.5}), "alpha"),
     "float_op_before_quantizer": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), between="Sigmoid"), "Sigmoid"),
     "16_bit_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), y_bits=16), "float ops"),
     "floor_rounding_output": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_rounding="FLOOR"), "float ops"),
     "per_channel_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3),
                                 y_scale=np.full((1, 4, 1, 1), 0.05, np.float32)), "per-channel"),
-    "bias_off_grid": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), bias_scale_factor=1.37), "whole multiple"),
-    "output_finer_than_accumulator": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_scale=1e-6), "not coarser"),
-    "accumulator_overflow": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3),
-                                  bias_multiples=[2**31 - 1024, 5, -5, 0]), "overflow"),
+    "output_finer_than_accumulator": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_scale=1e-6), ">= 1"),
 }
 
 
@@ -299,11 +306,11 @@ def test_ops_before_a_unit_move_onto_the_integers() -> None:
     y = b.quant("qy", b.node("Gemm", [clipped, w], "compute", transB=1), 0.1, 0.0, 8, signed=0)
     result = convert_qop(b.model((2, 3, 8, 8), y))
     assert "input through integer MaxPool -> Flatten -> Clip" in unit_record(result)["became"]
-    (gemm,) = nodes_of(result.model, "QLinearMatMul")
+    (gemm,) = nodes_of(result.model, "MatMulInteger")
     assert gemm.input[0] == "clip/integers" and int(init(result.model, gemm.input[2])) == 128
     (clip,) = nodes_of(result.model, "Clip")
     assert [int(init(result.model, name)) for name in clip.input[1:]] == [128, 168]
-    (quantize,) = nodes_of(result.model, "QuantizeLinear")
+    (quantize,) = [n for n in nodes_of(result.model, "QuantizeLinear") if n.input[0] == "x"]
     assert init(result.model, quantize.input[2]).dtype == np.uint8
 
 
@@ -366,8 +373,8 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
     Input: an activation Quant (2..8 bits, or unsigned 1 bit; ROUND; one scale and an
     integer zero point), possibly behind MaxPool/Reshape/Flatten/Transpose/Squeeze/
     Unsqueeze. Weight: a Quant or BipolarQuant of <= 8 bits on a constant, possibly behind
-    Transposes. Output: only consumed (through a MatMul's bias Add and a Relu) by such an
-    activation Quant. Gemm with alpha/beta 1.
+    Transposes. Output: only consumed (through a MatMul's bias Add, constant per-channel
+    Mul/Add/Sub/Div or BatchNormalization, and a Relu) by such an activation Quant.
     """
     producer, consumers, constants = _qonnx_index(model)
 
@@ -406,11 +413,20 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
         is_output = any(o.name == name for o in model.graph.output)
         return readers[0] if len(readers) == 1 and not is_output else None
 
+    def affine(node: onnx.NodeProto, result: str) -> bool:
+        """A per-channel (or scalar) constant Mul/Add/Sub/Div, or an inference BatchNormalization."""
+        if node.op_type == "BatchNormalization":
+            return node.input[0] == result and all(name in constants for name in node.input[1:5])
+        if node.op_type not in ("Mul", "Add", "Sub", "Div"):
+            return False
+        other = [name for name in node.input if name != result]
+        if len(other) != 1 or other[0] not in constants or (node.op_type == "Div" and node.input[0] != result):
+            return False
+        return sum(size > 1 for size in constants[other[0]].shape) <= 1
+
     count = 0
     for node in model.graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
-            continue
-        if node.op_type == "Gemm" and (attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
             continue
         if not integer_activation(source(node.input[0], {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})):
             continue
@@ -421,6 +437,8 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
             bias = [name for name in after.input if name != result][0]
             if bias in constants or quantizer(producer.get(bias)) is not None:
                 result, after = after.output[0], only(after.output[0])
+        while after is not None and affine(after, result):
+            result, after = after.output[0], only(after.output[0])
         if after is not None and after.op_type == "Relu":
             result, after = after.output[0], only(after.output[0])
         count += integer_activation(after) and after.input[0] == result
@@ -436,9 +454,12 @@ def test_models_convert_verify_and_use_integer_operators(path: Path, tmp_path: P
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
     lowered = Counter(n.op_type for n in result.model.graph.node)
-    expected = expected_integer_units(onnx.load(str(path)))
-    assert sum(lowered[op] for op in INTEGER_OPS) == expected
     units = [u for u in result.report.unit_records if u["pass"] in ("qlinear_conv", "qlinear_matmul")]
+    # The one refusal the graph reading above cannot see: a folded BatchNorm that makes one
+    # accumulator step worth a whole output step or more (the float reference decides there).
+    too_fine = sum(1 for u in units if not u["became"] and "(>= 1)" in str(u["reason"]))
+    expected = expected_integer_units(onnx.load(str(path))) - too_fine
+    assert sum(lowered[op] for op in INTEGER_OPS) == expected
     assert sum(1 for u in units if u["became"]) == expected
     assert all(u["reason"] for u in units if not u["became"])  # every fallback says why
 
@@ -488,3 +509,77 @@ def test_qop_matches_qcdq_under_ort_enable_all(name: str) -> None:
     for feed in feeds:
         qcdq, qop = (session.run(None, feed)[0] for session in sessions)
         assert np.rint(np.abs(qcdq.astype(np.float64) - qop) / step).max() <= 1
+
+
+# ---- affine ops between the unit and its quantizer, exact requantization ----------------
+
+
+def affine_unit_model(op: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], chain: list[str], *,
+                      attrs: dict[str, object] | None = None, relu: bool = True, y_bits: int = 4, y_signed: int = 0,
+                      seed: int = 0) -> onnx.ModelProto:
+    """``Quant(x) -> op(x, Quant(W), b) -> chain (BN | Mul | Add | Sub | Div, per channel) -> [Relu] -> Quant(y)``
+    with random float parameters: negative and zero BatchNorm gammas, a bias off any grid."""
+    rng = np.random.default_rng(seed)
+    b = UnitBuilder()
+    x = b.quant("qx", "x", np.float32(0.0371), 0.0, 4, signed=0)
+    channels = w_shape[0] if op == "Conv" or (attrs or {}).get("transB") else w_shape[-1]
+    axis = 0 if op == "Conv" or (attrs or {}).get("transB") else 1
+    shape = [1] * len(w_shape)
+    shape[axis] = -1
+    sw = rng.uniform(0.005, 0.02, channels).astype(np.float32).reshape(shape)
+    w = b.quant("qw", b.const("W", (rng.integers(-7, 8, w_shape) * sw).astype(np.float32)), sw, 0.0, 4, narrow=1)
+    inputs = [x, w]
+    if op != "MatMul":
+        inputs.append(b.const("bias", rng.normal(0, 0.05, channels).astype(np.float32)))
+    y = b.node(op, inputs, "compute", **(attrs or {}))
+    per_channel = (channels, 1, 1) if op == "Conv" else (channels,)
+    for i, kind in enumerate(chain):
+        if kind == "BatchNormalization":
+            gamma = rng.normal(0, 1, channels).astype(np.float32)
+            gamma[0], gamma[-1] = 0.0, -abs(gamma[-1])  # a zero and a negative gamma
+            params = [b.const(f"bn{i}_{name}", value) for name, value in (
+                ("gamma", gamma), ("beta", rng.normal(0, 0.3, channels)), ("mean", rng.normal(0, 0.2, channels)),
+                ("var", rng.uniform(0.01, 1.0, channels)))]
+            y = b.node("BatchNormalization", [y, *params], f"bn{i}", epsilon=1e-5)
+        else:
+            value = rng.uniform(0.5, 2.0, per_channel) * rng.choice([-1, 1], per_channel) if kind in ("Mul", "Div") \
+                else rng.normal(0, 0.2, per_channel)
+            y = b.node(kind, [y, b.const(f"c{i}", value)], f"{kind.lower()}{i}")
+    if relu:
+        y = b.node("Relu", [y], "relu")
+    y = b.quant("qy", y, np.float32(0.0613), 0.0, y_bits, signed=y_signed)
+    return b.model(x_shape, y)
+
+
+AFFINE_CASES = {
+    "conv_bn_relu": ("Conv", (2, 3, 7, 7), (8, 3, 3, 3), ["BatchNormalization"], {"pads": [1, 1, 1, 1]}, True),
+    "depthwise_bn": ("Conv", (2, 6, 7, 7), (6, 1, 3, 3), ["BatchNormalization"], {"group": 6}, False),
+    "conv_mul_add_sub_div": ("Conv", (2, 3, 6, 6), (5, 3, 1, 1), ["Mul", "Add", "Sub", "Div"], {}, True),
+    "matmul_add_bn": ("MatMul", (16, 24), (24, 10), ["Add", "BatchNormalization"], {}, True),
+    "gemm_mul": ("Gemm", (16, 24), (10, 24), ["Mul"], {"transB": 1}, False),
+}
+
+
+@pytest.mark.parametrize("case", AFFINE_CASES, ids=str)
+def test_affine_ops_fold_into_the_unit_exactly(case: str) -> None:
+    op, x_shape, w_shape, chain, attrs, relu = AFFINE_CASES[case]
+    model = affine_unit_model(op, x_shape, w_shape, chain, attrs=attrs, relu=relu, y_signed=0 if relu else 1)
+    result = qlower.convert(model, to="qop", batches=8)
+    record = unit_record(result)
+    assert record["became"] and " -> ".join(chain) + " folded" in record["became"], record
+    assert "exact requantization" in record["became"] and record["reason"] is None
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert not any(ops[kind] for kind in ("BatchNormalization", "Sub", "Div", "Conv", "MatMul", "Gemm", "Relu"))
+    assert ops["Mul"] + ops["Add"] == (0 if op == "Conv" else 2)  # MatMulInteger's int32 Add and Mul(M')
+    for row in result.report.verification.outputs:  # exact, not merely within one step
+        assert row.max_lsb_diff == 0, row
+    if "BatchNormalization" in chain:
+        assert "negative channel multipliers" in record["became"] and "constant channels" in record["became"]
+
+
+def test_a_bias_off_the_accumulator_grid_folds_exactly() -> None:
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), bias_scale_factor=1.37))
+    assert "exact requantization" in unit_record(result)["became"]
+    # A bias that saturates every output: the int32 bias stays in range, outputs constant.
+    result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), bias_multiples=[2**31 - 1024, 5, -5, 0]))
+    assert unit_record(result)["became"]

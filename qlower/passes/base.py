@@ -57,12 +57,15 @@ class LoweringContext:
 
     ``taps`` collects where quantizer outputs a pass turned into integer tensors now live
     (see :mod:`qlower.taps`); the pipeline writes them into the lowered model.
+    ``x86_without_vnni``: integer units must also be exact on x86 CPUs without VNNI, whose
+    u8s8 kernel saturates int8 weights above magnitude 64 (qop only).
     """
 
     graph: gs.Graph
     opset: int
     target: str
     taps: list[Tap] = field(default_factory=list)
+    x86_without_vnni: bool = False
 
 
 class QuantizerPass(ABC):

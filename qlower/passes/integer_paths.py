@@ -24,16 +24,13 @@ from .integer_units import (
     IntegerWeight,
     OutputQuantizer,
     Refused,
-    check_accumulator,
-    check_requantization,
     detach,
     int8_regions,
     integer_activation,
-    output_quantizer,
     producer,
     scalar_constant,
-    skip_relu,
 )
+from .unit_requant import Affine, ExactWeights, UnitOutput, describe_choice, exact_weights, match_unit_output
 
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Relu", "Clip"})
 
@@ -142,47 +139,83 @@ def integer_path(tensor: gs.Tensor) -> IntegerPath:
     return IntegerPath(list(leaves.values()), list(moves.values()))
 
 
-# ---- the steps every compute unit shares (QLinearConv, QLinearMatMul) -------------------
+def integer_range(path: IntegerPath) -> tuple[int, int]:
+    """The integers ``q - zp`` the input can take: the range Clip after each leaf's
+    QuantizeLinear (sub-8-bit ranges), else the container; the union over Concat leaves."""
+    lows, highs = [], []
+    for leaf in path.leaves:
+        info = np.iinfo(leaf.dtype)
+        low, high = int(info.min), int(info.max)
+        clip = producer(leaf.values)
+        if clip is not None and clip.op == "Clip":
+            bounds = [scalar_constant(t) if t.name else None for t in clip.inputs[1:3]]
+            if bounds and bounds[0] is not None:
+                low = max(low, int(bounds[0]))
+            if len(bounds) > 1 and bounds[1] is not None:
+                high = min(high, int(bounds[1]))
+        lows.append(low - int(leaf.zero_point))
+        highs.append(high - int(leaf.zero_point))
+    return min(lows), max(highs)
 
 
-def match_unit_output(
+# ---- the steps every compute unit shares (QLinearConv, MatMulInteger) --------------------
+
+
+@dataclass
+class ExactUnit:
+    """A matched unit's input, output and the integers its operator gets."""
+
+    x: IntegerPath
+    output: UnitOutput
+    weights: ExactWeights
+
+    @property
+    def out(self) -> OutputQuantizer:
+        return self.output.out
+
+
+def match_exact_unit(
     graph: gs.Graph,
     result: gs.Tensor,
     x: IntegerPath,
     weight: IntegerWeight,
     output_axis: int,
-    bias: np.ndarray | None,
-    accumulator_scale: np.ndarray,
-) -> tuple[gs.Node | None, OutputQuantizer]:
+    start: Affine,
+    out_rank: int | None,
+    channel_axis: int,
+    x86_without_vnni: bool,
+) -> ExactUnit:
     """The checks that end every unit's match, from the compute op's float ``result``: the
-    int32 accumulator cannot wrap, an optional Relu, the 8-bit output quantizer, a
-    requantization multiplier below 1, int8 regions that can move to uint8. Returns the
-    Relu (or None) and the output quantizer; Refused names the first check that fails."""
-    check_accumulator(x.zero_point, weight, output_axis, bias)
-    relu, result = skip_relu(graph, result)
-    out = output_quantizer(graph, result)
-    check_requantization(accumulator_scale, out)
-    int8_regions(graph, x.leaves, out)  # refuses a region that cannot move to uint8
-    return relu, out
+    affine ops and optional Relu before the 8-bit output quantizer, int8 regions that can
+    move to uint8, and the exact per-channel requantization (:mod:`qlower.requant`).
+    Refused names the first check that fails."""
+    accumulator_scale = (F32(x.scale) * weight.scale).astype(F32)
+    output = match_unit_output(graph, result, accumulator_scale, start, out_rank, channel_axis)
+    int8_regions(graph, x.leaves, output.out)  # refuses a region that cannot move to uint8
+    weights = exact_weights(weight, output_axis, integer_range(x), output, x86_without_vnni)
+    return ExactUnit(x, output, weights)
 
 
 @dataclass
 class UnitRewrite:
-    """A matched unit after the first steps of its rewrite: the input on the integers, every
-    int8 region of the unit stored as uint8, the weights made safe for the u8s8 kernel."""
+    """A matched unit after the first steps of its rewrite: the input on the integers and
+    every int8 region of the unit stored as uint8."""
 
     em: NodeEmitter
     x: IntegerActivation
-    weight: IntegerWeight
     out: OutputQuantizer
     path_note: str
-    weight_note: str | None
 
 
-def start_rewrite(graph: gs.Graph, name: str, x: IntegerPath, weight: IntegerWeight, out: OutputQuantizer) -> UnitRewrite:
-    safe_weight, weight_note = weight.u8s8_safe()
-    path_note = x.describe()
-    activation = x.materialize(graph)
-    for region in int8_regions(graph, [activation], out):
+def start_rewrite(graph: gs.Graph, name: str, unit: ExactUnit) -> UnitRewrite:
+    path_note = unit.x.describe()
+    activation = unit.x.materialize(graph)
+    for region in int8_regions(graph, [activation], unit.out):
         region.to_uint8()
-    return UnitRewrite(NodeEmitter(graph, name), activation.as_uint8(), safe_weight, out.as_uint8(), path_note, weight_note)
+    return UnitRewrite(NodeEmitter(graph, name), activation.as_uint8(), unit.out.as_uint8(), path_note)
+
+
+def unit_note(unit: ExactUnit) -> str:
+    """What the unit folded and how it requantizes, for the report's ``became``."""
+    parts = [unit.output.affine.describe(), describe_choice(unit.weights.choice)]
+    return "; ".join(part for part in parts if part)

@@ -40,22 +40,22 @@ class ComputeUnitPass(GraphPass, Generic[Unit]):
     compute_ops: ClassVar[tuple[str, ...]]
 
     @abstractmethod
-    def match(self, graph: gs.Graph, node: gs.Node) -> Unit:
+    def match(self, ctx: LoweringContext, node: gs.Node) -> Unit:
         """The unit around ``node``; raises Refused with the reason it cannot be fused."""
 
     @abstractmethod
-    def rewrite_unit(self, graph: gs.Graph, unit: Unit) -> tuple[str, str | None]:
+    def rewrite_unit(self, ctx: LoweringContext, unit: Unit) -> tuple[str, str | None]:
         """Emit the integer form of ``unit``; return what it became and an optional note."""
 
     def run(self, ctx: LoweringContext) -> list[UnitRecord]:
         records = []
         for node in [n for n in ctx.graph.nodes if n.op in self.compute_ops]:
             try:
-                unit = self.match(ctx.graph, node)
+                unit = self.match(ctx, node)
             except Refused as refused:
                 records.append(UnitRecord(node.name, node.op, self.name, None, str(refused)))
                 continue
-            became, note = self.rewrite_unit(ctx.graph, unit)
+            became, note = self.rewrite_unit(ctx, unit)
             records.append(UnitRecord(node.name, node.op, self.name, became, note))
         return records
 
@@ -252,52 +252,6 @@ class IntegerWeight:
         axis = None if self.axis is None else perm.index(self.axis)
         return IntegerWeight(np.ascontiguousarray(self.values.transpose(perm)), self.scale, self.zero_point, axis)
 
-    def u8s8_safe(self) -> tuple[IntegerWeight, str | None]:
-        """Store int8 weights above magnitude 64 as uint8 (zp + 128), with a note saying why.
-
-        ``(w + 128) - (zp + 128) == w - zp``, so the result is identical; ORT then uses its
-        u8u8 kernel, which cannot overflow, instead of u8s8, which saturates on x86 CPUs
-        without VNNI when a pair of products exceeds int16 (errors up to 255 LSB).
-        """
-        largest = int(np.abs(self.values.astype(np.int32)).max(initial=0))
-        if self.values.dtype != np.int8 or largest <= U8S8_SAFE_MAGNITUDE:
-            return self, None
-        shifted = IntegerWeight(
-            (self.values.astype(np.int16) + 128).astype(np.uint8),
-            self.scale,
-            (self.zero_point.astype(np.int16) + 128).astype(np.uint8),
-            self.axis,
-        )
-        note = (
-            f"int8 weights reach |w| = {largest} > {U8S8_SAFE_MAGNITUDE} and would overflow ORT's u8s8 kernel on x86 "
-            "without VNNI: stored as uint8 (zero point +128) for the exact, slower u8u8 kernel"
-        )
-        return shifted, note
-
-
-def check_accumulator(x_zero_point: np.ndarray, weight: IntegerWeight, output_axis: int, bias: np.ndarray | None) -> None:
-    """Refuse a unit whose int32 accumulator plus bias could wrap around for some input.
-
-    The worst case per output channel is ``max|x - zx| * sum |w - zw|`` over the channel's
-    weights, plus ``|bias|``; the float model never wraps, so anything beyond int32 is
-    refused rather than risked.
-    """
-    info = np.iinfo(x_zero_point.dtype)
-    x_span = max(int(x_zero_point) - int(info.min), int(info.max) - int(x_zero_point))
-    zero_point = weight.zero_point.astype(np.int64)
-    if weight.axis is not None:
-        shape = [1] * weight.values.ndim
-        shape[weight.axis] = -1
-        zero_point = zero_point.reshape(shape)
-    magnitude = np.abs(weight.values.astype(np.int64) - zero_point)
-    reduced = tuple(axis for axis in range(weight.values.ndim) if axis != output_axis)
-    worst = magnitude.sum(axis=reduced) * x_span + (np.abs(bias.astype(np.int64)) if bias is not None else 0)
-    if np.any(worst > INT32_MAX):
-        raise Refused(
-            f"the int32 accumulator could overflow (worst case {int(np.max(worst))} > 2^31 - 1 with the bias); "
-            "the float model does not wrap"
-        )
-
 
 def integer_weight(tensor: gs.Tensor) -> IntegerWeight:
     """A weight input as integers: ``[Transpose ->] DequantizeLinear([Clip](int constant))``."""
@@ -457,22 +411,6 @@ def _output(
     if not info.min <= int(zero_point) <= info.max:
         raise Refused(f"the result's zero point {int(zero_point)} does not fit {container}")
     return OutputQuantizer(nodes, nodes[-1].outputs[0], np.asarray(scale, F32), np.asarray(int(zero_point), container))
-
-
-def check_requantization(accumulator_scale: np.ndarray, out: OutputQuantizer) -> None:
-    """Refuse an output step no coarser than the accumulator step (multiplier >= 1).
-
-    Real layers requantize by s_x*s_w/s_y << 1. At 1 or more the output resolves single
-    accumulator steps, where the float reference's own rounding of the sum (a relative
-    2^-24 per operation) can move its result by whole output steps; the exact integer sum
-    then cannot promise to stay within one LSB of it, while the QCDQ form matches it.
-    """
-    finest = float(np.max(accumulator_scale))
-    if finest >= float(out.scale):
-        raise Refused(
-            f"the output step {float(out.scale):g} is not coarser than the accumulator step s_x*s_w = {finest:g}; "
-            "float rounding in the reference decides outputs at that resolution"
-        )
 
 
 def skip_relu(graph: gs.Graph, tensor: gs.Tensor) -> tuple[gs.Node | None, gs.Tensor]:

@@ -1,13 +1,15 @@
-"""Fold a quantized Conv unit into QLinearConv.
+"""Fold a quantized Conv unit, with the constant affine ops after it, into QLinearConv.
 
-    DQ(x; sx, zx), DQ(w; sw, zw) [, DQ(b; sx*sw)] -> Conv -> [Relu] -> Q(sy, zy)
-      ==>  QLinearConv(x, sx, zx, w, sw, zw, sy, zy [, b]) -> [Clip(max(lo, zy), hi)]
+    DQ(x; sx, zx), DQ(w; sw, zw) [, bias] -> Conv -> [BatchNormalization | Mul | Add | Sub | Div]*
+      -> [Relu] -> Q(sy, zy)
+      ==>  QLinearConv(x, 1, zx, k*w, M', 0, 1, zy, B) -> [Clip(max(lo, zy), hi)]
 
-QLinearConv accumulates ``sum (x - zx)(w - zw) + b`` exactly in int32 and requantizes
-once with ``sx*sw/sy``; the float reference rounds the float Conv's result, so the two
-can differ by one step where that result lies within float error of a rounding tie.
-Weights per tensor or per output channel (axis 0), any group count and spatial rank.
-ConvTranspose has no integer ONNX operator and is reported, left as QCDQ.
+QLinearConv accumulates ``sum (x - zx) * k*w + B`` exactly in int32 and requantizes with
+``1 * M' / 1 == M'`` per channel; ``(k, B, M')`` come from the exact per-channel search of
+:mod:`qlower.requant` through :mod:`.unit_requant`, so every reachable accumulator rounds
+as the real-valued unit does (the float reference can differ only at its own float
+ties). Weights per tensor or per output channel (axis 0), any group count and spatial
+rank. ConvTranspose has no integer ONNX operator and is reported, left as QCDQ.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .integer_paths import IntegerPath, integer_path, match_unit_output, start_rewrite
+from .base import LoweringContext
+from .integer_paths import ExactUnit, integer_path, match_exact_unit, start_rewrite, unit_note
 from .integer_units import (
-    ComputeUnitPass,
     F32,
-    IntegerWeight,
-    OutputQuantizer,
+    ComputeUnitPass,
     Refused,
-    accumulator_bias,
-    describe_weight,
+    constant_float,
     detach,
     integer_weight,
     requantized_output,
 )
+from .unit_requant import Affine
 
 
 @dataclass
@@ -37,14 +38,10 @@ class ConvUnit:
     """A Conv that fits QLinearConv, with everything its rewrite needs."""
 
     conv: gs.Node
-    x: IntegerPath
-    weight: IntegerWeight
-    bias: np.ndarray | None  # int32 [O] at scale float32(sx * sw)
-    relu: gs.Node | None
-    out: OutputQuantizer
+    exact: ExactUnit
 
 
-def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
+def match_conv(ctx: LoweringContext, conv: gs.Node) -> ConvUnit:
     """Every check, before anything changes; Refused names the first that fails."""
     if conv.op == "ConvTranspose":
         raise Refused("ONNX has no integer ConvTranspose (no QLinearConvTranspose); the unit stays QCDQ")
@@ -52,43 +49,50 @@ def match_conv(graph: gs.Graph, conv: gs.Node) -> ConvUnit:
     weight = integer_weight(conv.inputs[1])
     if weight.axis not in (None, 0):
         raise Refused(f"the weight scale varies along axis {weight.axis}; QLinearConv takes per-output-channel scales (axis 0) only")
-    accumulator_scale = (F32(x.scale) * weight.scale).astype(F32)
-    bias = None
+    channels = weight.values.shape[0]
+    offset = np.zeros(channels)
     if len(conv.inputs) > 2 and conv.inputs[2].name:
-        bias = np.broadcast_to(accumulator_bias(conv.inputs[2], accumulator_scale), (weight.values.shape[0],)).astype(np.int32)
-    relu, out = match_unit_output(graph, conv.outputs[0], x, weight, 0, bias, accumulator_scale)
-    return ConvUnit(conv, x, weight, bias, relu, out)
+        bias = constant_float(conv.inputs[2])
+        if bias is None:
+            raise Refused("the bias is computed at run time, not a constant")
+        offset = np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)).copy()
+    rank = weight.values.ndim
+    start = Affine(np.ones(channels), offset, [])
+    exact = match_exact_unit(ctx.graph, conv.outputs[0], x, weight, 0, start, rank, 1 - rank, ctx.x86_without_vnni)
+    return ConvUnit(conv, exact)
 
 
 class QLinearConvPass(ComputeUnitPass[ConvUnit]):
     name = "qlinear_conv"
-    matches = "DQ(x u8), DQ(int8/uint8 weight) [, int32 bias] -> Conv -> [Relu] -> Q(u8) -> [Clip]; ConvTranspose (reported)"
-    emits = "QLinearConv(x, sx, zx, w, sw, zw, sy, zy [, bias]) -> [integer Clip]"
+    matches = ("DQ(x u8), DQ(8-bit weight) [, bias] -> Conv -> [BatchNormalization|Mul|Add|Sub|Div by constants] "
+               "-> [Relu] -> Q(u8) -> [Clip]; ConvTranspose (reported)")
+    emits = "QLinearConv(x, 1, zx, k*w, M', 0, 1, zy, B) -> [integer Clip], exact per-channel requantization"
 
     compute_ops = ("Conv", "ConvTranspose")
 
-    def match(self, graph: gs.Graph, node: gs.Node) -> ConvUnit:
-        return match_conv(graph, node)
+    def match(self, ctx: LoweringContext, node: gs.Node) -> ConvUnit:
+        return match_conv(ctx, node)
 
-    def rewrite_unit(self, graph: gs.Graph, unit: ConvUnit) -> tuple[str, str | None]:
+    def rewrite_unit(self, ctx: LoweringContext, unit: ConvUnit) -> tuple[str, str | None]:
         name = unit.conv.name
-        started = start_rewrite(graph, name, unit.x, unit.weight, unit.out)
-        em, x, weight, out = started.em, started.x, started.weight, started.out
+        exact, weights = unit.exact, unit.exact.weights
+        started = start_rewrite(ctx.graph, name, exact)
+        em, x, out = started.em, started.x, started.out
         attrs = dict(unit.conv.attrs)
-        detach(unit.conv, unit.relu, *out.nodes)
-        target, range_note = requantized_output(em, out, relu=unit.relu is not None)
+        detach(unit.conv, *exact.output.affine.nodes, exact.output.relu, *out.nodes)
+        target, range_note = requantized_output(em, out, relu=exact.output.relu is not None)
+        one = np.asarray(1.0, F32)
         inputs: list[gs.Tensor] = [
             x.values,
-            em.constant("x_scale", x.scale),
+            em.constant("x_scale", one),
             em.constant("x_zero_point", x.zero_point),
-            em.constant("w_quantized", weight.values),
-            em.constant("w_scale", weight.scale),
-            em.constant("w_zero_point", weight.zero_point),
-            em.constant("y_scale", out.scale),
+            em.constant("w_quantized", weights.values),
+            em.constant("w_scale", weights.multiplier),
+            em.constant("w_zero_point", weights.zero_point),
+            em.constant("y_scale", one),
             em.constant("y_zero_point", out.zero_point),
+            em.constant("bias_int32", weights.bias),
         ]
-        if unit.bias is not None:
-            inputs.append(em.constant("bias_int32", unit.bias))
         em.write("QLinearConv", inputs, target, attrs, name=name)
-        became = f"QLinearConv (uint8 x, {describe_weight(weight)}, uint8 y" + (", int32 bias)" if unit.bias is not None else ")")
-        return "; ".join(part for part in (became, started.path_note, range_note) if part), started.weight_note
+        became = f"QLinearConv (uint8 x, {weights.values.dtype} weights, uint8 y, int32 bias)"
+        return "; ".join(part for part in (became, unit_note(exact), started.path_note, range_note) if part), weights.note
