@@ -19,6 +19,7 @@ from . import ir
 from .errors import QlowerError, VerificationError
 from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
+from .profiles import PROFILES
 from .report_schema import qlower_version
 from .verification import VerificationReport, load_inputs_npz, verify
 
@@ -40,7 +41,9 @@ def _write_json(path: Path, payload: dict[str, object]) -> None:
 def _print_conversion(report: ConversionReport, quiet: bool) -> None:
     if quiet:
         return
-    table = Table(title=f"qlower --to {report.target}: opset {report.input_opset} -> {report.output_opset}")
+    table = Table(
+        title=f"qlower --to {report.target} --profile {report.profile.name}: opset {report.input_opset} -> {report.output_opset}"
+    )
     for column in ("node", "op", "role", "bits", "became"):
         table.add_column(column, overflow="fold")
     for record in report.quantizers:
@@ -168,6 +171,10 @@ def convert_command(
     to: str = typer.Option("qcdq", "--to", help=f"Target form: {', '.join(TARGETS)}."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: <model>.<target>.onnx)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="Minimum output opset (21+ enables int16 activations)."),
+    profile: str = typer.Option(
+        "portable", "--profile",
+        help=f"Runtime the QCDQ layout is tuned for: {', '.join(PROFILES)} (non-portable profiles need --to qcdq).",
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification against the reference executor."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Verify on these inputs (.npz) instead of random ones."),
     batches: int = typer.Option(16, "--batches", min=1, help="Random input batches to verify on."),
@@ -191,7 +198,7 @@ def convert_command(
             raise QlowerError(f"{target_path}: the output would overwrite the input model")
         feeds = load_inputs_npz(inputs, model) if inputs is not None else None
         result = convert(
-            model, to, output_path=target_path, opset=opset, verify_result=not no_verify,
+            model, to, output_path=target_path, opset=opset, profile=profile, verify_result=not no_verify,
             inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
             x86_without_vnni=x86_without_vnni,
         )

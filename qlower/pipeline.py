@@ -20,6 +20,7 @@ from . import ir, taps
 from .analysis import analyse, describe
 from .report_schema import header
 from .errors import InvalidModelError, UnsupportedError
+from .profiles import PORTABLE, Profile, get_profile
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
 from .errors import VerificationError
 from .passes.registry import graph_passes_for, quantizer_passes_for
@@ -42,6 +43,7 @@ class ConversionReport:
     verification: VerificationReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     output_path: str | None = None
+    profile: Profile = PORTABLE
 
     @property
     def float_path_nodes(self) -> list[str]:
@@ -51,6 +53,7 @@ class ConversionReport:
         return {
             **header("convert"),
             "target": self.target,
+            "profile": self.profile.to_dict(),
             "input_opset": self.input_opset,
             "output_opset": self.output_opset,
             "output_path": self.output_path,
@@ -141,8 +144,13 @@ def convert(
     tolerance_lsb: float = 1.0,
     check_optimized: bool = True,
     x86_without_vnni: bool = False,
+    profile: str | Profile = "portable",
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
+
+    ``profile`` names the runtime the QCDQ layout is tuned for (``qlower.profiles``):
+    "portable" (Brevitas's layout, the default), "ort" or "openvino" (qcdq only). Every
+    profile computes the same values; the report records which one was used.
 
     ``check_optimized`` False verifies at ``ORT_DISABLE_ALL`` only (for deployments that
     do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
@@ -154,6 +162,7 @@ def convert(
     """
     if to not in TARGETS:
         raise UnsupportedError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    policy = get_profile(profile, to)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     original = ir.load_model(source)
@@ -165,14 +174,17 @@ def convert(
     seconds["load_normalize"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ctx = LoweringContext(graph=graph, opset=output_opset, target=to, x86_without_vnni=x86_without_vnni)
+    ctx = LoweringContext(graph=graph, opset=output_opset, target=to, x86_without_vnni=x86_without_vnni, profile=policy)
     quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in rule.run(ctx)]
     lowered = _finish(graph, normalized)
     taps.attach(lowered, ctx.taps)
     seconds["lower"] = time.perf_counter() - start
 
-    report = ConversionReport(to, input_opset, output_opset, quantizer_records, unit_records, folded, seconds=seconds)
+    report = ConversionReport(
+        to, input_opset, output_opset, quantizer_records, unit_records, folded, seconds=seconds,
+        profile=policy,
+    )
     if verify_result:
         start = time.perf_counter()
         # verify runs the reference on the original upgraded to the output opset; when convert

@@ -63,3 +63,59 @@ def make_quant_model(
     """
     attrs = {"signed": signed, "narrow": narrow, "rounding_mode": rounding_mode}
     return make_qonnx_model("Quant", [scale, zero_point, bit_width], attrs, shape=shape, domain=domain, opset=opset)
+
+
+def make_conv_chain_model(
+    layers: int = 7,
+    *,
+    channels: int = 8,
+    size: int = 8,
+    bits: int = 4,
+    signed: int = 1,
+    relu: bool = True,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A Brevitas-style deployment net: ``layers`` x (Quant act -> Conv(Quant w, Quant bias) -> [Relu]) -> Quant.
+
+    Activations are per-tensor ``bits``-bit (``signed``), weights per-output-channel
+    ``bits``-bit signed narrow, biases int32 on the ``s_x * s_w`` grid, as Brevitas's
+    QuantConv2d with a QuantReLU/QuantIdentity between layers exports them.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray | float) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def quant(name: str, x: str, scale: str, bit_width: float, signed_: int, narrow: int) -> str:
+        nodes.append(helper.make_node(
+            "Quant", [x, scale, const(f"{name}_zp", 0.0), const(f"{name}_bw", bit_width)], [f"{name}_out"],
+            name=name, domain=QONNX_DOMAIN, signed=signed_, narrow=narrow, rounding_mode="ROUND",
+        ))
+        return f"{name}_out"
+
+    act_scale = np.float32(2.0 ** -3)
+    x = quant("act_0", "x", const("act_0_scale", act_scale), bits, signed, 0)
+    for layer in range(layers):
+        w_float = rng.normal(0, 0.3, (channels, channels, 3, 3)).astype(np.float32)
+        w_scale = (np.abs(w_float).reshape(channels, -1).max(axis=1) / (2 ** (bits - 1) - 1)).astype(np.float32).reshape(-1, 1, 1, 1)
+        w = quant(f"w_{layer}", const(f"w_{layer}_float", w_float), const(f"w_{layer}_scale", w_scale), bits, 1, 1)
+        b_scale = (act_scale * w_scale.reshape(-1)).astype(np.float32)
+        b = quant(f"b_{layer}", const(f"b_{layer}_float", rng.normal(0, 0.1, channels)), const(f"b_{layer}_scale", b_scale), 32, 1, 0)
+        y = f"conv_{layer}_out"
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], name=f"conv_{layer}", pads=[1, 1, 1, 1]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [y], [f"relu_{layer}_out"], name=f"relu_{layer}"))
+            y = f"relu_{layer}_out"
+        act_scale = np.float32(rng.uniform(0.05, 0.2))
+        x = quant(f"act_{layer + 1}", y, const(f"act_{layer + 1}_scale", act_scale), bits, signed, 0)
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(
+        nodes, "conv_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
+    model.ir_version = 8
+    return model

@@ -151,3 +151,15 @@ def test_no_check_optimized_verifies_at_disable_all_only(tmp_path: Path) -> None
     assert all(record["max_abs_diff"] == 0 for record in records)
     assert qlower_cli("verify", str(model), str(out), "--no-check-optimized", "-q").returncode == 0
     assert qlower_cli("verify", str(model), str(out), "-q").returncode == 1
+
+
+def test_profile_flag_is_recorded_and_checked_against_the_target(tmp_path: Path) -> None:
+    model = ZOO_DIR / "TFC_2W2A.onnx"
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = qlower_cli("convert", str(model), "--profile", "ort", "-o", str(out), "--report", str(report), "--batches", "2", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["profile"]["name"] == "ort"
+    refused = tmp_path / "refused.onnx"
+    proc = qlower_cli("convert", str(model), "--to", "qop", "--profile", "ort", "-o", str(refused))
+    assert_refused(proc, "UnsupportedError", "profile ort", "--to qcdq")
+    assert not refused.exists()

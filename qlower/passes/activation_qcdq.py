@@ -11,11 +11,24 @@ is int8/uint8 with an integer Clip when the range is narrower; 9 to 16 bits use
 int16/uint16 at opset 21+, clipped in float before QuantizeLinear because ONNX Runtime
 has no 16-bit integer Clip (clamping ``x/s + zp`` to integer bounds in float is exactly
 QONNX's clamp).
+
+Profile policy (``qlower.profiles``), both exact:
+
+* ``signed_activation_shift`` 128: a signed <= 8-bit range goes in uint8 with every zero
+  point and Clip bound shifted by 128. ``saturate_u8(round(t) + 128) ==
+  saturate_i8(round(t)) + 128`` for every t, and DequantizeLinear subtracts the shifted
+  zero point, so the values are bit-identical (ONNX Runtime fuses only uint8 chains).
+* ``fold_relu_into_clip``: ``Relu -> Quant`` with a per-tensor zero point, the Relu's only
+  consumer being this quantizer, becomes the quantizer with its integer Clip raised to
+  ``max(q_min, zp)``: ``round(max(x, 0)/s + zp) == max(round(x/s + zp), zp)`` because
+  rounding is monotone and leaves the integer zp unchanged.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer, per_axis_layout
 from .base import Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
@@ -24,11 +37,24 @@ from .float_ops import emit_clip, emit_scaled
 INT16_OPSET = 21
 
 
-def _container(q: Quantizer) -> type:
+def _container(q: Quantizer, signed_shift: int) -> tuple[type, int]:
+    """The Q/DQ integer type and the shift added to zero points and Clip bounds in it."""
     assert q.bit_width is not None
     if q.bit_width <= 8:
-        return np.int8 if q.signed else np.uint8
-    return np.int16 if q.signed else np.uint16
+        if q.signed and signed_shift:
+            return np.uint8, signed_shift
+        return (np.int8 if q.signed else np.uint8), 0
+    return (np.int16 if q.signed else np.uint16), 0
+
+
+def _foldable_relu(q: Quantizer, ctx: LoweringContext) -> gs.Node | None:
+    """The Relu feeding ``q`` that its integer Clip can absorb, if the profile folds Relus."""
+    if not ctx.profile.fold_relu_into_clip or q.zero_point.size != 1 or not q.x.inputs:
+        return None
+    relu = q.x.inputs[0]
+    if relu.op != "Relu" or len(q.x.outputs) != 1 or q.x in ctx.graph.outputs:
+        return None
+    return relu
 
 
 class ActivationQCDQ(QuantizerPass):
@@ -57,41 +83,48 @@ class ActivationQCDQ(QuantizerPass):
         return None
 
     def rewrite(self, q: Quantizer, ctx: LoweringContext) -> str:
-        container = _container(q)
+        container, shift = _container(q, ctx.profile.signed_activation_shift)
         info = np.iinfo(container)
         q_min, q_max = q.int_range
-        narrower = (q_min, q_max) != (int(info.min), int(info.max))
+        x = q.x
+        em = Emitter(ctx, q)
+        parts = []
+        relu = _foldable_relu(q, ctx) if container in (np.int8, np.uint8) else None
+        if relu is not None:
+            x = relu.inputs[0]
+            relu.outputs.clear()  # the Relu is dropped; its max(x, 0) is now the Clip's floor
+            q_min = max(q_min, int(np.round(q.zero_point.reshape(()))))
+            parts.append("Relu folded")
+        low, high = q_min + shift, q_max + shift
+        narrower = (low, high) != (int(info.min), int(info.max))
         _, axis = per_axis_layout([q.scale, q.zero_point], q.input_rank)
         scale, zero_point = broadcast_pair(q.scale, q.zero_point)
         axis_attrs = {} if axis is None else {"axis": axis}
-        em = Emitter(ctx, q)
-        parts = []
+        shift_zero_point = em.constant("zero_point", scalar_or_vector(np.full(scale.shape, shift), axis, container))
         if q.zero_point_is_zero and container in (np.int8, np.uint8):
-            q_inputs = [q.x, em.constant("scale", scalar_or_vector(scale, axis, np.float32)),
-                        em.constant("zero_point", scalar_or_vector(zero_point, axis, container))]
+            q_inputs = [x, em.constant("scale", scalar_or_vector(scale, axis, np.float32)), shift_zero_point]
             q_attrs = axis_attrs
         else:
-            t = emit_scaled(em, q.x, q.scale, q.zero_point)
+            t = emit_scaled(em, x, q.scale, q.zero_point)
             parts.append("Div" + ("" if q.zero_point_is_zero else " -> Add(zp)"))
             if container in (np.int16, np.uint16) and narrower:
                 t = emit_clip(em, t, q_min, q_max)
                 parts.append(f"Clip[{q_min},{q_max}] (float)")
-            q_inputs = [t, em.constant("unit_scale", np.array(1.0, np.float32)),
-                        em.constant("zero_zero_point", np.array(0, container))]
+            q_inputs = [t, em.constant("unit_scale", np.array(1.0, np.float32)), em.constant("zero_zero_point" if not shift else "shifted_zero_point", np.array(shift, container))]
             q_attrs = {}
         quantized = em.node("QuantizeLinear", q_inputs, q_attrs, dtype=container)
-        parts.append(f"QuantizeLinear({info.dtype})")
+        parts.append(f"QuantizeLinear({info.dtype}" + (f", +{shift})" if shift else ")"))
         if narrower and container in (np.int8, np.uint8):
             quantized = em.node(
                 "Clip",
-                [quantized, em.constant("clip_min", np.array(q_min, container)), em.constant("clip_max", np.array(q_max, container))],
+                [quantized, em.constant("clip_min", np.array(low, container)), em.constant("clip_max", np.array(high, container))],
                 dtype=container,
             )
-            parts.append(f"Clip[{q_min},{q_max}]")
+            parts.append(f"Clip[{low},{high}]")
         em.node(
             "DequantizeLinear",
             [quantized, em.constant("dq_scale", scalar_or_vector(scale, axis, np.float32)),
-             em.constant("dq_zero_point", scalar_or_vector(np.round(zero_point), axis, container))],
+             em.constant("dq_zero_point", scalar_or_vector(np.round(zero_point) + shift, axis, container))],
             axis_attrs,
             final=True,
         )

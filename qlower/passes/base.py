@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
+from ..profiles import PORTABLE, Profile
 from ..taps import Tap
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -66,6 +67,7 @@ class LoweringContext:
     target: str
     taps: list[Tap] = field(default_factory=list)
     x86_without_vnni: bool = False
+    profile: Profile = PORTABLE
 
 
 class QuantizerPass(ABC):

@@ -8,6 +8,11 @@ when the range is narrower than the container); wider weights and every bias use
 (bias with no Clip, as Brevitas exports it). Any rounding mode folds, since the rounding
 happens here. The emitted DequantizeLinear is checked against the reference values
 before it is accepted, so a container or layout that would change a value is refused.
+
+Profile policy: ``weight_range_clip`` False drops the range Clip (exact: the stored
+integers are already in range); ``wide_weights_as_float`` leaves weights over 8 bits to
+``fold_constant_float`` (ONNX Runtime fuses an int32 weight DQ into QLinearMatMul and then
+fails at session creation).
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ def _reference(q: Quantizer) -> np.ndarray:
     return semantics.quant(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
 
 
-def _needs_clip(q: Quantizer, container: type) -> bool:
-    if container is np.int32 or q.is_bipolar:
+def _needs_clip(q: Quantizer, container: type, ctx: LoweringContext) -> bool:
+    if container is np.int32 or q.is_bipolar or not ctx.profile.weight_range_clip:
         return False
     info = np.iinfo(container)
     return q.int_range != (int(info.min), int(info.max))
@@ -55,6 +60,8 @@ class FoldConstantQuantizer(QuantizerPass):
         return q.op in ("Quant", "BipolarQuant") and q.is_constant_input
 
     def check(self, q: Quantizer, ctx: LoweringContext) -> str | None:
+        if ctx.profile.wide_weights_as_float and q.role == "weight" and q.bit_width is not None and q.bit_width > 8:
+            return f"profile {ctx.profile.name} stores weights over 8 bits as float constants"
         if np.any(q.zero_point != np.round(q.zero_point)):
             return "zero point is not an integer, so it cannot be stored in an integer container"
         fits, _ = per_axis_layout([q.scale, q.zero_point], q.input_rank)
@@ -91,7 +98,7 @@ class FoldConstantQuantizer(QuantizerPass):
         dq_zero_point = em.constant("zero_point", scalar_or_vector(np.round(zero_point), axis, container))
         attrs = {} if axis is None else {"axis": axis}
         parts = [f"{info.dtype} initializer"]
-        if _needs_clip(q, container):
+        if _needs_clip(q, container, ctx):
             q_min, q_max = q.int_range
             values = em.node(
                 "Clip",
