@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qlower-installed
 
-.PHONY: install test demo bench fuzz clean
+.PHONY: install test demo examples bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/qlower convert examples/tfc_2w2a.onnx --to qcdq -o out/tfc_2w2a.qcdq.onnx --report out/tfc_2w2a.qcdq.json
 	$(VENV)/bin/qlower convert examples/mobilenet_style.onnx --to qcdq -o out/mobilenet_style.qcdq.onnx --report out/mobilenet_style.qcdq.json
+
+# Every example in examples/; the Brevitas one needs torch and brevitas, which qlower does not:
+# they are installed into the venv here (torch==2.13.0 resolves to the CPU build; Brevitas
+# needs onnxoptimizer to export).
+examples: $(STAMP)
+	$(PY) examples/zoo_to_onnxruntime.py
+	$(PY) examples/zoo_to_onnxruntime.py examples/mobilenet_style.onnx --to qcdq
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/ci/qlower_gate.sh examples out/ci-gate qcdq
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/qlower check --to qop examples/*.onnx
+	$(PY) -m pip install --quiet torch==2.13.0 brevitas onnxoptimizer
+	$(PY) examples/brevitas_export_pipeline.py --to qop
+	$(PY) examples/brevitas_export_pipeline.py --to qcdq
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_convert.py

@@ -222,6 +222,34 @@ def convert_command(
         stdout.print(f"wrote {target_path}")
 
 
+@app.command("check")
+def check_command(
+    models: list[Path] = typer.Argument(..., help="QONNX models to check (.onnx)."),
+    to: str = typer.Option("qcdq", "--to", help=f"Target form: {', '.join(TARGETS)}."),
+    batches: int = typer.Option(4, "--batches", min=1, help="Random input batches to verify each model on."),
+    seed: int = typer.Option(0, "--seed"),
+    tolerance_lsb: float = typer.Option(1.0, "--tolerance-lsb", min=0.0),
+    check_optimized: bool = typer.Option(True, "--check-optimized/--no-check-optimized"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only failures."),
+) -> None:
+    """Convert and verify each MODEL, writing nothing (a pre-commit hook and CI gate).
+
+    One line per model; the exit code is the worst one (1 verification failed, 2 refused).
+    """
+    worst = 0
+    for model in models:
+        try:
+            result = convert(model, to, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized)
+        except QlowerError as exc:
+            where = "" if str(exc).startswith(str(model)) else f"{model}: "
+            stderr.print(f"qlower: error [{type(exc).__name__}]: {where}{exc}", markup=False)
+            worst = max(worst, exc.exit_code)
+            continue
+        if not quiet:
+            stdout.print(f"{model}: ok (--to {to}, {len(result.report.quantizers)} quantizers lowered and verified)", markup=False, soft_wrap=True)
+    raise typer.Exit(worst)
+
+
 @app.command("verify")
 def verify_command(
     original: Path = typer.Argument(..., help="The QONNX model."),
