@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qlower-installed
 
-.PHONY: install test demo examples bench fuzz clean
+.PHONY: install test demo examples matrix bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ examples: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 brevitas onnxoptimizer
 	$(PY) examples/brevitas_export_pipeline.py --to qop
 	$(PY) examples/brevitas_export_pipeline.py --to qcdq
+
+# The README's support matrix, regenerated from the pass registry and the profile policies.
+matrix: $(STAMP)
+	$(PY) -m qlower.support_matrix --write README.md
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_convert.py

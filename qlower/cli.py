@@ -90,6 +90,12 @@ def _bits(value: object) -> str:
     return "float" if value is None else f"{value:g}"
 
 
+def _flags(label: str) -> str:
+    """An inspect report label ("qcdq", "qcdq/ort") as the options that select it."""
+    target, _, profile = label.partition("/")
+    return f"--to {target}" + (f" --profile {profile}" if profile else "")
+
+
 def _print_inspection(report: InspectionReport) -> None:
     data = report.to_dict()
     targets = list(report.lowerings)
@@ -106,10 +112,16 @@ def _print_inspection(report: InspectionReport) -> None:
     for target in targets:
         if report.lowerings[target]["refused"]:
             continue
-        became = Table(title=f"what --to {target} makes of each quantizer")
+        base = str(report.lowerings[target]["target"])
+        rows = [q for q in report.quantizers if target == base or q["lowerings"][target] != q["lowerings"].get(base)]
+        if not rows:
+            stdout.print(f"{_flags(target)}: every quantizer as with --to {base}", markup=False)
+            continue
+        differing = "" if target == base else f" (where it differs from --to {base})"
+        became = Table(title=f"what {_flags(target)} makes of each quantizer{differing}")
         for column in ("node", "pass", "becomes", "why not an earlier pass"):
             became.add_column(column, overflow="fold")
-        for q in report.quantizers:
+        for q in rows:
             entry = q["lowerings"][target]
             why = "; ".join(f"{s['pass']}: {s['reason']}" for s in entry["skipped"]) or "-"
             became.add_row(str(q["node"]), str(entry["lowered_by"]), str(entry["emitted"]) + (" [float path]" if entry["float_path"] else ""), why)
@@ -117,7 +129,7 @@ def _print_inspection(report: InspectionReport) -> None:
     fusing = [t for t in targets if any(t in unit.lowerings for unit in report.units)]
     if report.units:
         units = Table(title="compute units (MACs as qonnx's inference_cost counts them, dense)")
-        for column in ("node", "op", "act bits", "weight bits", "MACs", "weight params", *(f"--to {t}" for t in fusing)):
+        for column in ("node", "op", "act bits", "weight bits", "MACs", "weight params", *(_flags(t) for t in fusing)):
             units.add_column(column, overflow="fold")
         for unit in report.units:
             kernels = []
@@ -139,11 +151,11 @@ def _print_inspection(report: InspectionReport) -> None:
     stdout.print(f"quantizers: {counts}")
     for target, lowering in report.lowerings.items():
         if lowering["refused"]:
-            stdout.print(f"--to {target}: refused: {lowering['refused']}", markup=False)
+            stdout.print(f"{_flags(target)}: refused: {lowering['refused']}", markup=False)
             continue
         kernels = lowering["ort_kernels"]
         fused = sum(1 for unit in report.units if unit.lowerings.get(target, {}).get("integer_kernel"))
-        line = f"--to {target}: ONNX Runtime (ORT_ENABLE_ALL) runs {kernels['integer']} integer and {kernels['float']} float compute kernels"
+        line = f"{_flags(target)}: ONNX Runtime (ORT_ENABLE_ALL) runs {kernels['integer']} integer and {kernels['float']} float compute kernels"
         if target in fusing:
             line += f"; qlower fuses {fused} of {len(report.units)} units"
         stdout.print(line, markup=False)

@@ -36,6 +36,7 @@ from .errors import UnsupportedError
 from .passes.integer_units import ComputeUnitPass
 from .passes.registry import graph_passes_for
 from .pipeline import TARGETS, ConversionResult, convert
+from .profiles import PORTABLE, PROFILES
 from .report_schema import header
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -233,26 +234,39 @@ def _quantizer_rows(results: dict[str, ConversionResult]) -> list[dict[str, obje
     return rows
 
 
+def lowering_labels(targets: Iterable[str] = TARGETS) -> dict[str, tuple[str, str]]:
+    """Every (target, profile) pair that applies, by its report label: "qcdq", "qcdq/ort", ..."""
+    labels = {}
+    for target in targets:
+        for name, profile in PROFILES.items():
+            if target in profile.targets:
+                labels[target if profile is PORTABLE else f"{target}/{name}"] = (target, name)
+    return labels
+
+
 def inspect(source: ir.ModelSource, targets: Iterable[str] = TARGETS) -> InspectionReport:
     """Describe ``source``: quantizers, compute units and their cost, per-target lowerings.
 
-    Raises the same :class:`qlower.QlowerError` as ``convert`` for input no target can
-    lower; a target that refuses a model another target lowers is reported, not raised.
+    Every target runs with every profile that applies to it, labelled ``target`` for the
+    portable profile and ``target/profile`` otherwise. Raises the same
+    :class:`qlower.QlowerError` as ``convert`` for input nothing can lower; a target that
+    refuses a model another target lowers is reported, not raised.
     """
     model = ir.load_model(source)
     results: dict[str, ConversionResult] = {}
     lowerings: dict[str, dict[str, object]] = {}
     first_refusal: UnsupportedError | None = None
-    for target in targets:
+    for label, (target, profile) in lowering_labels(targets).items():
         try:
-            result = convert(model, target, verify_result=False)
+            result = convert(model, target, profile=profile, verify_result=False)
         except UnsupportedError as exc:
             first_refusal = first_refusal or exc
-            lowerings[target] = {"target": target, "refused": str(exc)}
+            lowerings[label] = {"target": target, "profile": profile, "refused": str(exc)}
             continue
-        results[target] = result
-        lowerings[target] = {
+        results[label] = result
+        lowerings[label] = {
             "target": target,
+            "profile": profile,
             "refused": None,
             "output_opset": result.report.output_opset,
             "float_path_nodes": result.report.float_path_nodes,
@@ -264,11 +278,11 @@ def inspect(source: ir.ModelSource, targets: Iterable[str] = TARGETS) -> Inspect
     quantizers = _quantizer_rows(results)
     # Costs are read on the exact QCDQ form, where every compute node is still itself.
     cost_source = results.get("qcdq") or convert(model, "qcdq", verify_result=False)
-    bits = {str(q["tensor"]): (1.0 if q["bits"] is None else q["bits"]) for q in quantizers}
+    bits = {str(q["tensor"]): (1.0 if q["op"] == "BipolarQuant" else q["bits"]) for q in quantizers}
     lowered = _LoweredGraph(cost_source.model, bits)
     units = [lowered.unit(node) for node in lowered.nodes if node.op_type in COMPUTE_OPS]
     for label, result in results.items():
-        fusing = _integer_unit_passes(label)
+        fusing = _integer_unit_passes(result.report.target)
         records = {str(r["node"]): r for r in result.report.unit_records if r["pass"] in fusing}
         for unit in units:
             record = records.get(unit.node)
