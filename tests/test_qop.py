@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qlower
+from qlower import taps
 from qlower.ir import OP_ALIASES, is_qonnx_node
 from qlower.verification import make_inputs
 
@@ -273,8 +274,6 @@ FALLBACKS = {
     "float_op_before_quantizer": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), between="Sigmoid"), "Sigmoid"),
     "16_bit_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3), y_bits=16), "float ops"),
     "floor_rounding_output": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_rounding="FLOOR"), "float ops"),
-    "per_channel_output": (dict(op="Conv", x_shape=(1, 3, 6, 6), w_shape=(4, 3, 3, 3),
-                                y_scale=np.full((1, 4, 1, 1), 0.05, np.float32)), "per-channel"),
     "output_finer_than_accumulator": (dict(op="MatMul", x_shape=(3, 16), w_shape=(16, 8), y_scale=1e-6), ">= 1"),
 }
 
@@ -385,16 +384,21 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
         found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
         return found[0] if found else default
 
-    def integer_activation(node: onnx.NodeProto | None) -> bool:
+    def integer_activation(node: onnx.NodeProto | None, per_channel: bool = True) -> bool:
+        """``per_channel``: per-channel scales (one zero point) are accepted (output quantizers,
+        a depthwise conv's input)."""
         if quantizer(node) != "Quant" or node.input[0] in constants:
             return False
         scale, zero_point, bits = (constants.get(node.input[i]) for i in (1, 2, 3))
-        if scale is None or zero_point is None or bits is None or scale.size != 1 or zero_point.size != 1:
+        if scale is None or zero_point is None or bits is None or (scale.size != 1 and not per_channel):
+            return False
+        if np.unique(zero_point).size != 1:
             return False
         rounding = attr(node, "rounding_mode", b"ROUND")
         rounding = (rounding.decode() if isinstance(rounding, bytes) else rounding).upper()
         signed_one_bit = attr(node, "signed", 1) and float(bits) == 1
-        return float(bits) <= 8 and not signed_one_bit and rounding in ("ROUND", "HALF_EVEN") and float(zero_point) == round(float(zero_point))
+        zero = float(zero_point.reshape(-1)[0])
+        return float(bits) <= 8 and not signed_one_bit and rounding in ("ROUND", "HALF_EVEN") and zero == round(zero)
 
     def integer_weight(node: onnx.NodeProto | None) -> bool:
         kind = quantizer(node)
@@ -428,9 +432,13 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
-        if not integer_activation(source(node.input[0], {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})):
+        weight = source(node.input[1], {"Transpose"})
+        if not integer_weight(weight):
             continue
-        if not integer_weight(source(node.input[1], {"Transpose"})):
+        shape = constants[weight.input[0]].shape
+        depthwise = node.op_type == "Conv" and shape[1] == 1 and attr(node, "group", 1) > 1
+        through = {"MaxPool", "Relu"} if depthwise else {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+        if not integer_activation(source(node.input[0], through), per_channel=depthwise):
             continue
         result, after = node.output[0], only(node.output[0])
         if node.op_type == "MatMul" and after is not None and after.op_type == "Add":
@@ -583,3 +591,26 @@ def test_a_bias_off_the_accumulator_grid_folds_exactly() -> None:
     # A bias that saturates every output: the int32 bias stays in range, outputs constant.
     result = convert_qop(unit_model("Conv", (1, 3, 6, 6), (4, 3, 3, 3), bias_multiples=[2**31 - 1024, 5, -5, 0]))
     assert unit_record(result)["became"]
+
+
+def test_per_channel_scales_join_the_weight_scale() -> None:
+    """A per-channel output quantizer, and a depthwise conv reading it with per-channel input
+    scales: both scale vectors go into the per-channel multiplier (QLinearConv takes only
+    scalar x and y scales, and gets 1 for both)."""
+    rng = np.random.default_rng(5)
+    b = UnitBuilder()
+    x = b.quant("qx", "x", 0.05, 0.0, 8, signed=1)
+    w1 = b.quant("qw1", b.const("W1", rng.integers(-7, 8, (6, 3, 1, 1)) * 0.02), 0.02, 0.0, 4, narrow=1)
+    per_channel = rng.uniform(0.02, 0.08, (1, 6, 1, 1)).astype(np.float32)
+    y1 = b.quant("qy1", b.node("Relu", [b.node("Conv", [x, w1], "pointwise")], "relu1"), per_channel, 0.0, 4, signed=0)
+    w2 = b.quant("qw2", b.const("W2", rng.integers(-7, 8, (6, 1, 3, 3)) * 0.03), 0.03, 0.0, 4, narrow=1)
+    y2 = b.quant("qy2", b.node("Conv", [y1, w2], "compute", group=6, pads=[1, 1, 1, 1]), 0.07, 0.0, 8, signed=1)
+    result = qlower.convert(b.model((2, 3, 7, 7), y2), to="qop", batches=8)
+    assert len(nodes_of(result.model, "QLinearConv")) == 2 and not nodes_of(result.model, "Conv")
+    for row in result.report.verification.outputs:
+        assert row.max_lsb_diff == 0, row
+    for conv in nodes_of(result.model, "QLinearConv"):
+        assert float(init(result.model, conv.input[1])) == float(init(result.model, conv.input[6])) == 1.0
+    # The per-channel activation between them now lives only as integers: a tap says where.
+    (tap,) = [t for t in taps.read(result.model) if t.original == "qy1_out"]
+    assert tap.axis is not None and len(tap.scale) == 6 and tap.tensor in {o for n in result.model.graph.node for o in n.output}

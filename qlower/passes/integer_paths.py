@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import NodeEmitter
+from ..taps import Tap
+from .base import LoweringContext, NodeEmitter
 from .integer_units import (
     F32,
     IntegerActivation,
@@ -33,6 +34,8 @@ from .integer_units import (
 from .unit_requant import Affine, ExactWeights, UnitOutput, describe_choice, exact_weights, match_unit_output
 
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Relu", "Clip"})
+# Ops that keep every element in its channel, so per-channel scales pass through them.
+PER_CHANNEL_THROUGH = frozenset({"MaxPool", "Relu"})
 
 
 def _dequantize(q: int, source: IntegerActivation) -> np.float32:
@@ -90,6 +93,10 @@ class IntegerPath:
     def dtype(self) -> np.dtype:
         return self.leaves[0].dtype
 
+    @property
+    def axis(self) -> int | None:
+        return self.leaves[0].axis
+
     def describe(self) -> str:
         return "" if not self.moves else "input through integer " + " -> ".join(node.op for node in self.moves)
 
@@ -111,9 +118,10 @@ class IntegerPath:
             integers = gs.Variable(f"{node.name}/integers", dtype=first.dtype)
             detach(node)
             graph.nodes.append(gs.Node(op, node.name, attrs, inputs, [integers]))
-            dq = gs.Node("DequantizeLinear", f"{node.name}/dequantize", {}, [integers, *first.dq.inputs[1:3]], [output])
+            dq = gs.Node("DequantizeLinear", f"{node.name}/dequantize", dict(first.dq.attrs), [integers, *first.dq.inputs[1:3]],
+                         [output])
             graph.nodes.append(dq)
-            result = IntegerActivation(integers, first.scale, first.zero_point, dq)
+            result = IntegerActivation(integers, first.scale, first.zero_point, dq, first.axis)
             current[id(output)] = result
         return result
 
@@ -130,8 +138,10 @@ def integer_path(tensor: gs.Tensor) -> IntegerPath:
     leaves = {id(leaf.dq): leaf for path in paths for leaf in path.leaves}
     moves = {id(move): move for path in paths for move in path.moves}
     first = paths[0].leaves[0]
-    if any(leaf.dtype != first.dtype or leaf.zero_point != first.zero_point or F32(leaf.scale) != F32(first.scale)
-           for leaf in leaves.values()):
+    if first.axis is not None and node.op not in PER_CHANNEL_THROUGH:
+        raise Refused(f"the input has per-channel scales and goes through {node.op}, which may move its channel axis")
+    if any(leaf.dtype != first.dtype or leaf.zero_point != first.zero_point or leaf.axis != first.axis
+           or not np.array_equal(leaf.scale.astype(F32), first.scale.astype(F32)) for leaf in leaves.values()):
         raise Refused("the Concat before the input joins tensors with different scales, zero points or containers")
     if node.op == "Clip":
         _integer_clip(node, first)  # refuses bounds off the grid
@@ -178,6 +188,7 @@ def match_exact_unit(
     graph: gs.Graph,
     result: gs.Tensor,
     x: IntegerPath,
+    x_scale: np.ndarray,
     weight: IntegerWeight,
     output_axis: int,
     start: Affine,
@@ -188,8 +199,9 @@ def match_exact_unit(
     """The checks that end every unit's match, from the compute op's float ``result``: the
     affine ops and optional Relu before the 8-bit output quantizer, int8 regions that can
     move to uint8, and the exact per-channel requantization (:mod:`qlower.requant`).
-    Refused names the first check that fails."""
-    accumulator_scale = (F32(x.scale) * weight.scale).astype(F32)
+    ``x_scale`` is the input scale each output channel sees (0-d, or [C] for a depthwise
+    conv with per-channel input scales). Refused names the first check that fails."""
+    accumulator_scale = (x_scale.astype(F32) * weight.scale).astype(F32)
     output = match_unit_output(graph, result, accumulator_scale, start, out_rank, channel_axis)
     int8_regions(graph, x.leaves, output.out)  # refuses a region that cannot move to uint8
     weights = exact_weights(weight, output_axis, integer_range(x), output, x86_without_vnni)
@@ -219,3 +231,20 @@ def unit_note(unit: ExactUnit) -> str:
     """What the unit folded and how it requantizes, for the report's ``became``."""
     parts = [unit.output.affine.describe(), describe_choice(unit.weights.choice)]
     return "; ".join(part for part in parts if part)
+
+
+def record_taps(ctx: LoweringContext, output: gs.Tensor, x: IntegerActivation) -> None:
+    """Record where the unit's quantizers now live as integers: the DequantizeLinear of its
+    input, and those of its output (after the range Clip, if any), may disappear once the
+    units around them read the integers directly."""
+    dqs = [x.dq]
+    tensor = output
+    clips = [node for node in tensor.outputs if node.op == "Clip"]
+    if len(clips) == 1 and len(tensor.outputs) == 1:
+        tensor = clips[0].outputs[0]
+    dqs += [node for node in tensor.outputs if node.op == "DequantizeLinear"]
+    for dq in dqs:
+        params = dq.inputs[1:3]
+        if dq.outputs and len(params) == 2 and all(isinstance(p, gs.Constant) for p in params):
+            ctx.taps.append(Tap.of(dq.outputs[0].name, dq.inputs[0].name, params[0].values, params[1].values,
+                                   dq.attrs.get("axis", 1) if params[0].values.size > 1 else None))

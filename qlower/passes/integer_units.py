@@ -112,12 +112,15 @@ def _origin(tensor: gs.Tensor) -> str:
 
 @dataclass
 class IntegerActivation:
-    """A run-time 8-bit tensor ``q`` with one scale and zero point: ``x = (q - zp) * s``."""
+    """A run-time 8-bit tensor ``q`` with one zero point: ``x = (q - zp) * s``, where ``s``
+    is one scale (0-d) or one per channel along ``axis`` (the DequantizeLinear's attribute,
+    possibly negative; only depthwise convs take such an input)."""
 
     values: gs.Tensor
-    scale: np.ndarray  # 0-d float32
+    scale: np.ndarray  # 0-d float32, or 1-d along axis
     zero_point: np.ndarray  # 0-d, the container type
     dq: gs.Node
+    axis: int | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -125,11 +128,19 @@ class IntegerActivation:
 
     def as_uint8(self) -> IntegerActivation:
         """The same activation once its int8 region is stored as uint8 (zero point + 128)."""
-        return IntegerActivation(self.values, self.scale, _uint8_zero_point(self.zero_point), self.dq)
+        return IntegerActivation(self.values, self.scale, _uint8_zero_point(self.zero_point), self.dq, self.axis)
+
+
+def equal_zero_point(tensor: gs.Tensor) -> np.ndarray | None:
+    """One zero point for a constant whose values are all equal (per-channel Q/DQ), else None."""
+    if not isinstance(tensor, gs.Constant) or tensor.values.size == 0:
+        return None
+    values = np.asarray(tensor.values).reshape(-1)
+    return values[0].reshape(()) if np.all(values == values[0]) else None
 
 
 def integer_activation(tensor: gs.Tensor, what: str) -> IntegerActivation:
-    """``tensor`` as ``DequantizeLinear(q, s, zp)`` of a run-time 8-bit tensor, per-tensor."""
+    """``tensor`` as ``DequantizeLinear(q, s, zp)`` of a run-time 8-bit tensor with one zero point."""
     dq = producer(tensor)
     if dq is None or dq.op != "DequantizeLinear":
         raise Refused(f"{what} comes from {_origin(tensor)}, not from an integer (DequantizeLinear) tensor")
@@ -139,12 +150,15 @@ def integer_activation(tensor: gs.Tensor, what: str) -> IntegerActivation:
     params = dq.inputs[1:3]
     if len(params) != 2 or not all(isinstance(p, gs.Constant) for p in params):
         raise Refused(f"{what}'s DequantizeLinear has no constant scale and zero point")
-    scale, zero_point = scalar_constant(params[0]), scalar_constant(params[1])
-    if scale is None or zero_point is None:
-        raise Refused(f"{what} has per-channel quantization parameters; QLinear operators take one scale per activation")
+    zero_point = equal_zero_point(params[1])
+    if zero_point is None:
+        raise Refused(f"{what} has per-channel zero points that differ; integer operators take one zero point per activation")
     if zero_point.dtype not in EIGHT_BIT:
         raise Refused(f"{what} is quantized to {zero_point.dtype}, wider than 8 bits")
-    return IntegerActivation(values, scale.astype(F32), zero_point, dq)
+    scale = scalar_constant(params[0])
+    if scale is not None:
+        return IntegerActivation(values, scale.astype(F32), zero_point, dq)
+    return IntegerActivation(values, np.asarray(params[0].values, F32).reshape(-1), zero_point, dq, int(dq.attrs.get("axis", 1)))
 
 
 # ---- one activation container: uint8 ----------------------------------------------
@@ -225,8 +239,8 @@ def int8_region(graph: gs.Graph, start: gs.Tensor) -> Int8Region:
     for node in nodes.values():
         for i in _int8_parameters(node):
             parameter = node.inputs[i]
-            if not isinstance(parameter, gs.Constant) or parameter.values.dtype != np.int8 or parameter.values.size != 1:
-                raise Refused(f"{node.op} {node.name!r} has no per-tensor int8 constant to shift to uint8")
+            if not isinstance(parameter, gs.Constant) or parameter.values.dtype != np.int8:
+                raise Refused(f"{node.op} {node.name!r} has no int8 constant to shift to uint8")
     return Int8Region(list(nodes.values()), list(tensors.values()))
 
 
@@ -356,12 +370,13 @@ class OutputQuantizer:
 
     nodes: list[gs.Node]
     output: gs.Tensor
-    scale: np.ndarray
+    scale: np.ndarray  # 0-d, or 1-d along axis (a per-channel QuantizeLinear, one zero point)
     zero_point: np.ndarray
+    axis: int | None = None
 
     def as_uint8(self) -> OutputQuantizer:
         """The same quantizer once its int8 region is stored as uint8 (zero point + 128)."""
-        return OutputQuantizer(self.nodes, self.output, self.scale, _uint8_zero_point(self.zero_point))
+        return OutputQuantizer(self.nodes, self.output, self.scale, _uint8_zero_point(self.zero_point), self.axis)
 
 
 def output_quantizer(graph: gs.Graph, tensor: gs.Tensor) -> OutputQuantizer:
@@ -371,8 +386,14 @@ def output_quantizer(graph: gs.Graph, tensor: gs.Tensor) -> OutputQuantizer:
         used = "is a graph output" if any(out is tensor for out in graph.outputs) else f"feeds {len(tensor.outputs)} nodes"
         raise Refused(f"the result {used} without being requantized")
     if node.op == "QuantizeLinear" and node.inputs[0] is tensor:
-        zero_point = scalar_constant(node.inputs[2]) if len(node.inputs) > 2 else None
-        return _output([node], scalar_constant(node.inputs[1]), zero_point)
+        zero_point = equal_zero_point(node.inputs[2]) if len(node.inputs) > 2 else None
+        scale = scalar_constant(node.inputs[1])
+        if scale is None and isinstance(node.inputs[1], gs.Constant) and zero_point is not None:
+            vector = np.asarray(node.inputs[1].values, F32).reshape(-1)
+            found = _output([node], vector, zero_point)
+            found.axis = int(node.attrs.get("axis", 1))
+            return found
+        return _output([node], scale, zero_point)
     if node.op != "Div" or node.inputs[0] is not tensor:
         raise Refused(f"the result goes through {node.op} before it is quantized")
     nodes = [node]
@@ -403,7 +424,7 @@ def _output(
     nodes: list[gs.Node], scale: np.ndarray | None, zero_point: np.ndarray | None, dtype: np.dtype | None = None
 ) -> OutputQuantizer:
     if scale is None or zero_point is None:
-        raise Refused("the result's quantizer has per-channel or non-constant parameters; QLinear outputs take one scale")
+        raise Refused("the result's quantizer has non-constant parameters or per-channel zero points that differ")
     container = np.dtype(dtype or zero_point.dtype)
     if container not in EIGHT_BIT:
         raise Refused(f"the result is quantized to {container}, wider than 8 bits")

@@ -20,10 +20,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import LoweringContext
-from .integer_paths import ExactUnit, integer_path, match_exact_unit, start_rewrite, unit_note
+from .integer_paths import ExactUnit, IntegerPath, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
 from .integer_units import (
     F32,
     ComputeUnitPass,
+    IntegerWeight,
     Refused,
     constant_float,
     detach,
@@ -39,6 +40,17 @@ class ConvUnit:
 
     conv: gs.Node
     exact: ExactUnit
+
+
+def _input_scale(conv: gs.Node, x: IntegerPath, weight: IntegerWeight) -> np.ndarray:
+    """The input scale each output channel sees. Per-channel input scales fit only a depthwise
+    conv (each output channel reads one input channel), where they join the weight scale."""
+    if x.axis is None:
+        return x.scale
+    groups, channels, rank = int(conv.attrs.get("group", 1)), weight.values.shape[0], weight.values.ndim
+    if x.axis % rank != 1 or x.scale.size != groups or weight.values.shape[1] != 1 or channels % groups:
+        raise Refused("the input has per-channel scales; only a depthwise conv (one input channel per group) takes them")
+    return x.scale[np.arange(channels) // (channels // groups)]
 
 
 def match_conv(ctx: LoweringContext, conv: gs.Node) -> ConvUnit:
@@ -58,7 +70,8 @@ def match_conv(ctx: LoweringContext, conv: gs.Node) -> ConvUnit:
         offset = np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)).copy()
     rank = weight.values.ndim
     start = Affine(np.ones(channels), offset, [])
-    exact = match_exact_unit(ctx.graph, conv.outputs[0], x, weight, 0, start, rank, 1 - rank, ctx.x86_without_vnni)
+    exact = match_exact_unit(ctx.graph, conv.outputs[0], x, _input_scale(conv, x, weight), weight, 0, start,
+                             rank, 1 - rank, ctx.x86_without_vnni)
     return ConvUnit(conv, exact)
 
 
@@ -81,6 +94,7 @@ class QLinearConvPass(ComputeUnitPass[ConvUnit]):
         attrs = dict(unit.conv.attrs)
         detach(unit.conv, *exact.output.affine.nodes, exact.output.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=exact.output.relu is not None)
+        record_taps(ctx, out.output, x)
         one = np.asarray(1.0, F32)
         inputs: list[gs.Tensor] = [
             x.values,

@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import LoweringContext
-from .integer_paths import ExactUnit, integer_path, match_exact_unit, start_rewrite, unit_note
+from .integer_paths import ExactUnit, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
 from .integer_units import (
     F32,
     UINT8,
@@ -86,13 +86,15 @@ def match_matmul(ctx: LoweringContext, node: gs.Node) -> MatMulUnit:
             raise Refused(f"the weight has rank {weight.values.ndim}; only a 2-D [K, N] weight folds")
     if weight.axis not in (None, 1):
         raise Refused(f"the weight scale varies along axis {weight.axis} of [K, N]; integer MatMul takes per-column scales (axis 1) only")
+    if x.axis is not None:
+        raise Refused("the input has per-channel scales; an integer MatMul sums over them with one input scale")
     channels = weight.values.shape[1]
     if node.op == "Gemm":
         start, out_rank = _gemm_affine(node, channels), 2
     else:
         shape = node.inputs[0].shape
         start, out_rank = Affine(np.ones(channels), np.zeros(channels), []), (max(len(shape), 2) if shape is not None else None)
-    exact = match_exact_unit(ctx.graph, node.outputs[0], x, weight, 1, start, out_rank, -1, ctx.x86_without_vnni)
+    exact = match_exact_unit(ctx.graph, node.outputs[0], x, x.scale, weight, 1, start, out_rank, -1, ctx.x86_without_vnni)
     return MatMulUnit(node, exact)
 
 
@@ -114,6 +116,7 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
         em, x, out = started.em, started.x, started.out
         detach(unit.node, *exact.output.affine.nodes, exact.output.relu, *out.nodes)
         target, range_note = requantized_output(em, out, relu=exact.output.relu is not None)
+        record_taps(ctx, out.output, x)
         x_values = x.values
         if unit.transpose_x:
             x_values = em.node("Transpose", [x_values], {"perm": [1, 0]}, UINT8)

@@ -175,7 +175,11 @@ def match_unit_output(graph: gs.Graph, result: gs.Tensor, accumulator_scale: np.
     affine, result = match_affine(graph, result, channels, out_rank, channel_axis, start)
     relu, result = skip_relu(graph, result)
     out = output_quantizer(graph, result)
-    step = float(out.scale)
+    if out.scale.ndim and (out.scale.size != channels or out_rank is None or out.axis is None
+                           or out.axis % out_rank != out_rank + channel_axis):
+        raise Refused("the result's quantizer has per-channel scales along another axis than the output channels")
+    # A per-channel output step goes into the per-channel multiplier (QLinear ops take one y_scale).
+    step = np.broadcast_to(out.scale.astype(np.float64), (channels,))
     multiplier = affine.scale * np.broadcast_to(accumulator_scale.astype(np.float64), (channels,)) / step
     offset = affine.offset / step
     finest = float(np.max(np.abs(multiplier)))
