@@ -178,7 +178,9 @@ def convert(
     quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in rule.run(ctx)]
     lowered = _finish(graph, normalized)
-    taps.attach(lowered, ctx.taps)
+    # A model qlower already lowered keeps the taps it carries (converting again is a no-op).
+    # One tap per original tensor (a unit records its input and its output, so neighbours repeat).
+    taps.attach(lowered, list({tap.original: tap for tap in [*taps.read(normalized), *ctx.taps]}.values()))
     seconds["lower"] = time.perf_counter() - start
 
     report = ConversionReport(
