@@ -1,12 +1,18 @@
 """The ``qlower`` command line: a thin layer over :func:`qlower.pipeline.convert` and ``verify``.
 
-Exit codes: 0 success, 1 verification failed, 2 input refused (one line on stderr naming
-the node and the reason, never a traceback, never a partial output file).
+Exit codes: 0 success, 1 verification failed, 2 input refused or output not writable (one
+line on stderr naming the node or path and the reason, never a traceback, never a partial
+output file).
+
+When ``-o -`` or ``--report -`` sends an output to stdout, everything else the command
+prints (tables, "wrote ...") goes to stderr, and fd 1 is reserved for that output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import ir
-from .errors import QlowerError, VerificationError
+from . import ir, output
+from .errors import OutputError, QlowerError, VerificationError
 from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
 from .profiles import PROFILES
@@ -33,12 +39,23 @@ def _fail(exc: QlowerError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-def _write_json(path: Path, payload: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+def _write_json(path: Path, payload: dict[str, object], protect: list[str]) -> None:
+    output.write_text(path, json.dumps(payload, indent=2, default=str) + "\n", protect=protect)
 
 
-def _print_conversion(report: ConversionReport, quiet: bool) -> None:
+def _to_stdout(*paths: Optional[Path | str]) -> bool:
+    names = [os.fspath(path) for path in paths if path is not None]
+    if names.count(output.STDOUT) > 1:
+        raise OutputError("-: the model and the report cannot both go to standard output; give one a file path")
+    return output.STDOUT in names
+
+
+def _summary_console(*paths: Optional[Path | str]) -> Console:
+    """Where tables go: stdout, unless an output is piped there."""
+    return stderr if _to_stdout(*paths) else stdout
+
+
+def _print_conversion(report: ConversionReport, quiet: bool, console: Console) -> None:
     if quiet:
         return
     table = Table(
@@ -50,17 +67,17 @@ def _print_conversion(report: ConversionReport, quiet: bool) -> None:
         bits = "" if record.bits is None else f"{record.bits:g}"
         became = f"{record.emitted}" + ("  [float path]" if record.float_path else "")
         table.add_row(record.node, record.op, record.role, bits, became)
-    stdout.print(table)
+    console.print(table)
     if report.unit_records:
         units = Table(title="compute units")
         for column in ("node", "op", "became", "reason"):
             units.add_column(column, overflow="fold")
         for unit in report.unit_records:
             units.add_row(*(str(unit.get(key) or "") for key in ("node", "op", "became", "reason")))
-        stdout.print(units)
+        console.print(units)
 
 
-def _print_verification(report: VerificationReport, quiet: bool) -> None:
+def _print_verification(report: VerificationReport, quiet: bool, console: Console) -> None:
     if quiet:
         return
     table = Table(title=f"verification ({report.batches} batches, target {report.target})")
@@ -69,8 +86,8 @@ def _print_verification(report: VerificationReport, quiet: bool) -> None:
     for row in report.outputs:
         lsb = "-" if row.max_lsb_diff is None else f"{row.max_lsb_diff:g}"
         table.add_row(row.name, row.level, f"{row.max_abs_diff:g}", lsb, f"{row.differing_share:.2%}")
-    stdout.print(table)
-    stdout.print("[green]verified[/green]" if report.passed else "[red]verification failed[/red]")
+    console.print(table)
+    console.print("[green]verified[/green]" if report.passed else "[red]verification failed[/red]")
 
 
 def _show_version(value: bool) -> None:
@@ -181,7 +198,11 @@ def inspect_command(
 def convert_command(
     model: Path = typer.Argument(..., help="QONNX model to lower (.onnx)."),
     to: str = typer.Option("qcdq", "--to", help=f"Target form: {', '.join(TARGETS)}."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: <model>.<target>.onnx)."),
+    output_path: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="Output file, symlink (target rewritten), device/FIFO, '-' for stdout, or a directory "
+        "(default: <model>.<target>.onnx beside the model).",
+    ),
     opset: Optional[int] = typer.Option(None, "--opset", help="Minimum output opset (21+ enables int16 activations)."),
     profile: str = typer.Option(
         "portable", "--profile",
@@ -200,38 +221,58 @@ def convert_command(
         False, "--x86-without-vnni",
         help="qop: keep int8 weights exact on x86 CPUs without VNNI (|w| <= 64, else slower uint8 weights).",
     ),
-    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON ('-' for stdout)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
 ) -> None:
     """Lower MODEL to standard ONNX; verify it; write it only if everything holds."""
-    target_path = output or model.with_name(f"{model.name.removesuffix('.onnx')}.{to}.onnx")
     try:
-        if target_path.resolve() == model.resolve():
-            raise QlowerError(f"{target_path}: the output would overwrite the input model")
-        feeds = load_inputs_npz(inputs, model) if inputs is not None else None
-        result = convert(
-            model, to, output_path=target_path, opset=opset, profile=profile, verify_result=not no_verify,
-            inputs=feeds, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
+        console = _summary_console(output_path, report_path)
+        target_path = output.output_file_for(output_path or model.with_name(output.default_name(model.name, to)), str(model), to)
+        if report_path is not None:  # an unusable report path is refused before the model is written
+            output.check(report_path, protect=[str(model), target_path])
+    except QlowerError as exc:
+        raise _fail(exc) from None
+    with output.reserve_stdout() if console is stderr else contextlib.nullcontext():
+        _convert_and_report(
+            model, to, target_path, report_path, console, quiet, opset=opset, profile=profile, verify_result=not no_verify, inputs=inputs,
+            batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
             x86_without_vnni=x86_without_vnni,
         )
+
+
+def _convert_and_report(
+    model: Path, to: str, target_path: str, report_path: Optional[Path], console: Console, quiet: bool,
+    inputs: Optional[Path], **options: object,
+) -> None:
+    protect = [str(model), target_path]
+    try:
+        feeds = load_inputs_npz(inputs, model) if inputs is not None else None
+        result = convert(model, to, output_path=target_path, inputs=feeds, **options)  # type: ignore[arg-type]
     except VerificationError as exc:
         report = exc.report
-        if isinstance(report, ConversionReport):
-            _print_conversion(report, quiet)
-            if report.verification is not None:
-                _print_verification(report.verification, quiet)
-            if report_path is not None:
-                _write_json(report_path, report.to_dict())
+        try:
+            if isinstance(report, ConversionReport):
+                _print_conversion(report, quiet, console)
+                if report.verification is not None:
+                    _print_verification(report.verification, quiet, console)
+                if report_path is not None:
+                    _write_json(report_path, report.to_dict(), protect)
+        except OutputError as report_exc:
+            raise _fail(report_exc) from None
         raise _fail(exc) from None
     except QlowerError as exc:
         raise _fail(exc) from None
-    _print_conversion(result.report, quiet)
+    _print_conversion(result.report, quiet, console)
     if result.report.verification is not None:
-        _print_verification(result.report.verification, quiet)
-    if report_path is not None:
-        _write_json(report_path, result.report.to_dict())
+        _print_verification(result.report.verification, quiet, console)
+    try:
+        if report_path is not None:
+            _write_json(report_path, result.report.to_dict(), protect)
+    except OutputError as exc:
+        raise _fail(exc) from None
     if not quiet:
-        stdout.print(f"wrote {target_path}")
+        where = "standard output" if result.report.output_path == output.STDOUT else result.report.output_path
+        console.print(f"wrote {where}", markup=False)
 
 
 @app.command("check")
@@ -279,17 +320,25 @@ def verify_command(
     quiet: bool = typer.Option(False, "-q", "--quiet"),
 ) -> None:
     """Check LOWERED against the QONNX reference running ORIGINAL; exit 1 on a mismatch."""
+    protect = [str(original), str(lowered)]
     try:
-        feeds = load_inputs_npz(inputs, original) if inputs is not None else None
-        report = verify(
-            ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
-            batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
-        )
+        console = _summary_console(report_path)
+        if report_path is not None:
+            output.check(report_path, protect=protect)
     except QlowerError as exc:
         raise _fail(exc) from None
-    _print_verification(report, quiet)
-    if report_path is not None:
-        _write_json(report_path, report.to_dict())
+    with output.reserve_stdout() if console is stderr else contextlib.nullcontext():
+        try:
+            feeds = load_inputs_npz(inputs, original) if inputs is not None else None
+            report = verify(
+                ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
+                batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
+            )
+            _print_verification(report, quiet, console)
+            if report_path is not None:
+                _write_json(report_path, report.to_dict(), protect)
+        except QlowerError as exc:
+            raise _fail(exc) from None
     if not report.passed:
         stderr.print(f"qlower: error [VerificationError]: {report.failures[0]}", markup=False)
         raise typer.Exit(1)

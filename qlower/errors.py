@@ -43,3 +43,7 @@ class VerificationError(QlowerError):
 
     exit_code = 1
     report: object | None = None  # the ConversionReport, attached by the pipeline
+
+
+class OutputError(QlowerError):
+    """An output (model, external data, report) cannot be written where the user asked."""

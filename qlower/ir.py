@@ -3,13 +3,12 @@
 ``load_model`` accepts a path, bytes or a ModelProto and never mutates what it is given.
 ``normalize`` gives every later stage one spelling of the QONNX ops (one domain, ``Quant``
 for ``IntQuant``), a graph that is structurally sound, and a real opset upgrade.
-``save_model_atomic`` writes through a temporary file so a failure leaves no partial output.
+Writing models is :mod:`qlower.output`'s job.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -25,7 +24,6 @@ QONNX_DOMAINS = frozenset({QONNX_DOMAIN, "onnx.brevitas", "finn.custom_op.genera
 QONNX_OPS = frozenset({"Quant", "BipolarQuant", "Trunc", "FloatQuant"})
 OP_ALIASES = {"IntQuant": "Quant"}
 MIN_OUTPUT_OPSET = 13
-MAX_PROTOBUF_BYTES = 2**31 - 1
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
@@ -294,22 +292,3 @@ def _fill_missing_output_shapes(model: onnx.ModelProto) -> None:
         found = by_name.get(out.name)
         if found is not None and found.type.tensor_type.HasField("shape"):
             out.type.CopyFrom(found.type)
-
-
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` via a temporary file in the same folder and a rename."""
-    target = Path(path)
-    data = model.SerializeToString()
-    if len(data) > MAX_PROTOBUF_BYTES:
-        raise UnsupportedError("the lowered model exceeds the 2 GB protobuf limit; external data output is not supported")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

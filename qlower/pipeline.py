@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import ir, taps
+from . import ir, output, taps
 from .analysis import analyse, describe
 from .report_schema import header
 from .errors import InvalidModelError, UnsupportedError
@@ -157,12 +156,22 @@ def convert(
     ``x86_without_vnni`` (qop): keep integer weights exact on x86 CPUs without VNNI too
     (|k*w| <= 64, else uint8 weights for the slower u8u8 kernel), reported per unit.
 
-    Raises a :class:`qlower.errors.QlowerError` subclass for bad input (nothing is written)
-    and :class:`qlower.errors.VerificationError` when verification fails (nothing is written).
+    ``output_path`` takes what :mod:`qlower.output` writes: a file (replaced atomically),
+    a symlink (its target replaced), a device or FIFO (written directly), ``"-"`` (stdout),
+    or an existing directory (the model goes in as ``<model>.<to>.onnx`` when ``source``
+    is a path).
+
+    Raises a :class:`qlower.errors.QlowerError` subclass for bad input (nothing is written),
+    :class:`qlower.errors.VerificationError` when verification fails (nothing is written)
+    and :class:`qlower.errors.OutputError` when the output cannot be written there.
     """
     if to not in TARGETS:
         raise UnsupportedError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
     policy = get_profile(profile, to)
+    source_path = None if isinstance(source, (bytes, bytearray, onnx.ModelProto)) else os.fspath(source)
+    if output_path is not None:  # refuse an unusable output before the work, not after it
+        output_path = output.output_file_for(output_path, source_path, to)
+        output.check(output_path, protect=[source_path] if source_path else ())
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     original = ir.load_model(source)
@@ -203,6 +212,5 @@ def convert(
             exc.report = report  # the CLI still writes the report of a failed conversion
             raise
     if output_path is not None:
-        ir.save_model_atomic(lowered, output_path)
-        report.output_path = str(Path(output_path))
+        report.output_path = output.write_model(lowered, output_path, protect=[source_path] if source_path else ())
     return ConversionResult(lowered, report)

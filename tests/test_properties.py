@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import qlower
-import qlower.ir
+import qlower.output
 import qlower.pipeline
-from qlower.errors import InvalidQuantizerError, VerificationError
+from qlower.errors import InvalidQuantizerError, OutputError, VerificationError
 from qlower.verification import VerificationReport
 
 from fuzz_graphs import FuzzCase, fuzz_cases
@@ -161,8 +161,8 @@ def test_failed_rename_leaves_previous_output(previous_output: Path, monkeypatch
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(qlower.ir.os, "replace", refuse)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(qlower.output.os, "replace", refuse)
+    with pytest.raises(OutputError, match="No space left on device"):
         qlower.convert(MODELS[0], output_path=previous_output, batches=2)
     assert_untouched(previous_output)
 
@@ -178,7 +178,7 @@ def test_failure_while_writing_leaves_previous_output(previous_output: Path, mon
         real_fsync(fd)
         raise KeyboardInterrupt  # even a BaseException must not leave it behind
 
-    monkeypatch.setattr(qlower.ir.os, "fsync", fail_after_write)
+    monkeypatch.setattr(qlower.output.os, "fsync", fail_after_write)
     with pytest.raises(KeyboardInterrupt):
         qlower.convert(MODELS[0], output_path=previous_output, batches=2)
     assert written, "the failure was not injected during the write"
