@@ -7,7 +7,8 @@ Where the bytes go depends on what the path names when the write starts:
   the path, fsync of the folder, so a reader sees the old file or the new one, never a
   part. A new file gets ``0o666`` minus the umask (as ``open``/``onnx.save`` give); a
   replaced file keeps its mode, and its owner where the process may set it. Missing
-  folders are created (and removed again if the write fails);
+  folders are created (and removed again if the write fails). A file with other hard links
+  is replaced under this name only (the rename gives it a new inode);
 * a symlink: resolved, and its target replaced as above in the target's folder, so the
   link stays a link (``cp`` and ``onnx.save`` behave the same way);
 * a character device, FIFO or other special file: opened and written directly, never
@@ -37,7 +38,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Literal, Sequence
 
 import onnx
 from onnx.external_data_helper import _get_initializer_tensors
@@ -60,7 +61,7 @@ class Destination:
     """Where one output goes: ``kind`` is ``stdout``, ``special``, ``replace`` or ``create``."""
 
     requested: str
-    kind: str
+    kind: Literal["stdout", "special", "replace", "create"]
     path: Path | None = None
     previous: os.stat_result | None = None
 
