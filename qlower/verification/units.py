@@ -7,6 +7,11 @@ walk keeps the channel axis in place (Relu, MaxPool, Identity); after a reshapin
 the finest step is used, which can only overstate a difference. FloatQuant's step is the
 minifloat's spacing at each reference value.
 
+In a QCDQ input model (Brevitas's ``export_onnx_qcdq``, ONNX Runtime's QDQ quantizer),
+which has no QONNX quantizer, a DequantizeLinear sets the grid of its output the same way.
+The probe below moves QONNX quantizer outputs only, so a float output downstream of
+such a model's last DequantizeLinear is measured in the float unit.
+
 An output with no grid (float logits, a Softmax after the last quantizer) has no LSB, so
 ``max_lsb_diff`` is None. Where a tolerance applies it is measured against what one step
 upstream does to it: the reference runs twice more with every element of the nearest
@@ -115,6 +120,31 @@ def _output_grid(index: GraphIndex, node: onnx.NodeProto, label: str, elementwis
     return Unit("grid", f"{op} {label!r}: {_scale_text(scale)}", _step_function(scale, elementwise))
 
 
+def _dequantize_grid(index: GraphIndex, node: onnx.NodeProto, label: str, elementwise: bool) -> Unit | None:
+    """A DequantizeLinear in the original (a QCDQ input model): its output lies on its scale's grid.
+
+    A 1-D scale lies along the node's ``axis`` (default 1) of the reference value.
+    """
+    scale = index.constant(node, 1)
+    if scale is None:
+        return None
+    magnitude = np.abs(np.asarray(scale, dtype=np.float64))
+    finest = np.asarray(magnitude.min())
+    axis = int(next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1))
+
+    def step(reference: np.ndarray) -> np.ndarray:
+        if magnitude.size == 1 or magnitude.ndim != 1 or not elementwise or reference.ndim == 0:
+            return finest
+        along = axis % reference.ndim
+        if reference.shape[along] != magnitude.size:
+            return finest
+        shape = [1] * reference.ndim
+        shape[along] = magnitude.size
+        return magnitude.reshape(shape)
+
+    return Unit("grid", f"DequantizeLinear {label!r}: {_scale_text(scale)}", step)
+
+
 def _finest(units: list[Unit], why: str) -> Unit:
     def step(reference: np.ndarray) -> np.ndarray:
         return np.asarray(min(float(np.min(unit.step(reference))) for unit in units))  # type: ignore[misc]
@@ -128,6 +158,8 @@ def _grid_of(index: GraphIndex, name: str, elementwise: bool = True) -> Unit | N
         position, node = index.producer[name]
         if quantizer_op(node) is not None:
             return _output_grid(index, node, node_label(node, position), elementwise)
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            return _dequantize_grid(index, node, node_label(node, position), elementwise)
         if node.domain not in ("", "ai.onnx") or node.op_type not in _GRID_KEEPING or not node.input:
             return None
         elementwise = elementwise and node.op_type in _AXIS_KEEPING
