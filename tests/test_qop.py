@@ -18,7 +18,7 @@ from qlower import taps
 from qlower.ir import OP_ALIASES, is_qonnx_node
 from qlower.verification import make_inputs
 
-from paths import BREVITAS_DIR, BREVITAS_MANIFEST, ZOO_MODELS
+from paths import BREVITAS_DIR, BREVITAS_MANIFEST, REAL_DIR, REAL_MANIFEST, ZOO_MODELS
 
 QONNX = "qonnx.custom_op.general"
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger")
@@ -614,3 +614,51 @@ def test_per_channel_scales_join_the_weight_scale() -> None:
     # The per-channel activation between them now lives only as integers: a tap says where.
     (tap,) = [t for t in taps.read(result.model) if t.original == "qy1_out"]
     assert tap.axis is not None and len(tap.scale) == 6 and tap.tensor in {o for n in result.model.graph.node for o in n.output}
+
+
+def test_trunc_output_reaches_the_next_unit_as_integers(tmp_path: Path) -> None:
+    """TruncAvgPool -> Flatten -> Gemm: the Trunc's float-path output becomes Cast(uint8) ->
+    DequantizeLinear (bit-identical), so the Gemm reads integers (here ORT fuses it into QGemm,
+    its output being the float logits)."""
+    result = qlower.convert(BREVITAS_DIR / "trunc_avgpool.qonnx.onnx", to="qop", batches=4)
+    assert result.report.verification.passed
+    (record,) = [u for u in result.report.unit_records if u["pass"] == "rounded_outputs_as_integers"]
+    assert "exact" in record["became"]
+    optimized = _optimized_ops(result.model, tmp_path)
+    assert not any(op in ("Gemm", "MatMul", "FusedGemm", "Conv", "FusedConv") for op, _ in optimized)
+    assert any(t.original.endswith("Trunc_output_0") or "Trunc" in t.original for t in taps.read(result.model))
+
+
+def _float_input_compute_nodes(model: onnx.ModelProto) -> int:
+    """Conv/MatMul/Gemm whose data input does not come from a QONNX quantizer (through ops
+    that only move or pool values): the ones that stay float by design."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        source = producer.get(node.input[0])
+        while source is not None and source.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"):
+            source = producer.get(source.input[0])
+        count += source is None or not is_qonnx_node(source)
+    return count
+
+
+FLOAT_KERNELS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose")
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul")
+
+
+@pytest.mark.parametrize("entry", REAL_MANIFEST, ids=lambda e: e["name"])
+def test_real_models_run_every_quantized_unit_on_integer_kernels(entry: dict, tmp_path: Path) -> None:
+    """Brevitas's MobileNet v1 4b, CNV, ResNet-18 (BatchNorm after every conv) and the deployment
+    nets: after ORT_ENABLE_ALL, every Conv/MatMul/Gemm whose input is quantized is an integer
+    kernel (counted in the optimized graph ORT saves); the ones left are those on the float image."""
+    path = REAL_DIR / entry["qonnx"]
+    result = qlower.convert(path, to="qop", batches=2)
+    assert result.report.verification.passed, result.report.verification.failures
+    optimized = [op for op, _ in _optimized_ops(result.model, tmp_path)]
+    original = onnx.load(str(path))
+    compute = sum(n.op_type in ("Conv", "MatMul", "Gemm") for n in original.graph.node)
+    float_left = _float_input_compute_nodes(original)
+    assert sum(op in FLOAT_KERNELS for op in optimized) == float_left
+    assert sum(op in INTEGER_KERNELS for op in optimized) == compute - float_left

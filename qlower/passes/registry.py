@@ -16,6 +16,7 @@ from .fold_constant_quantizer import FoldConstantQuantizer
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
+from .rounded_outputs import RoundedOutputsAsIntegers
 from .trunc import TruncToFloatOps
 
 _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
@@ -31,8 +32,9 @@ _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
     # A bias on its own grid (QKeras) is exact in QCDQ but ONNX Runtime's QGemm/QLinearConv
     # fusion assumes the s_x*s_w grid and silently misreads it, so qcdq moves it too.
     "qcdq": (BiasAccumulatorGrid(),),
-    # Biases onto the accumulator grid (exact), then the compute units (within one LSB).
-    "qop": (BiasAccumulatorGrid(), QLinearConvPass(), QLinearMatMulPass()),
+    # Biases onto the accumulator grid (exact), float-path quantizer outputs that feed a unit
+    # as integers (exact), then the compute units (exact requantization).
+    "qop": (BiasAccumulatorGrid(), RoundedOutputsAsIntegers(), QLinearConvPass(), QLinearMatMulPass()),
 }
 
 
