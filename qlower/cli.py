@@ -27,7 +27,7 @@ from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
 from .profiles import PROFILES
 from .report_schema import qlower_version
-from .verification import VerificationReport, load_inputs_npz, verify
+from .verification import RUNTIMES, VerificationReport, load_inputs_npz, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 stdout = Console()
@@ -80,13 +80,27 @@ def _print_conversion(report: ConversionReport, quiet: bool, console: Console) -
 def _print_verification(report: VerificationReport, quiet: bool, console: Console) -> None:
     if quiet:
         return
-    table = Table(title=f"verification ({report.batches} batches, target {report.target})")
-    for column in ("output", "ORT level", "max |diff|", "max LSB", "differing"):
+    table = Table(title=f"verification on {report.runtime} ({report.batches} batches, target {report.target})")
+    for column in ("output", "level", "max |diff|", "max LSB", "differing"):
         table.add_column(column)
     for row in report.outputs:
         lsb = "-" if row.max_lsb_diff is None else f"{row.max_lsb_diff:g}"
         table.add_row(row.name, row.level, f"{row.max_abs_diff:g}", lsb, f"{row.differing_share:.2%}")
     console.print(table)
+    for summary in report.to_dict()["internal_summary"]:  # type: ignore[union-attr]
+        worst = summary["worst"]
+        text = f"internal at {summary['level']}: {summary['tensors']} quantized activations, {summary['differing_share']:.2%} of {summary['elements']} elements differ"
+        console.print(text + (f"; worst {worst['node']!r}: {worst['max_lsb_diff']} LSB" if worst else ""), markup=False)
+    if report.kernels is not None:
+        console.print(report.kernels.summary(), markup=False)
+        for unit in report.kernels.float_units:
+            console.print(f"  float {unit.op} {unit.node!r}: {unit.why}", markup=False)
+    for advisory in report.advisories:
+        console.print(f"advisory, not held: {advisory.summary()}", markup=False)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
+    if report.first_divergence is not None:
+        console.print(report.first_divergence.line(), markup=False)
     console.print("[green]verified[/green]" if report.passed else "[red]verification failed[/red]")
 
 
@@ -221,6 +235,7 @@ def convert_command(
         False, "--x86-without-vnni",
         help="qop: keep int8 weights exact on x86 CPUs without VNNI (|w| <= 64, else slower uint8 weights).",
     ),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help=f"Verify on this runtime: {', '.join(RUNTIMES)} (openvino: pip install 'qlower[openvino]')."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON ('-' for stdout)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
 ) -> None:
@@ -237,6 +252,7 @@ def convert_command(
             model, to, target_path, report_path, console, quiet, opset=opset, profile=profile, verify_result=not no_verify, inputs=inputs,
             batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
             x86_without_vnni=x86_without_vnni,
+            runtime=runtime,
         )
 
 
@@ -316,6 +332,7 @@ def verify_command(
         True, "--check-optimized/--no-check-optimized",
         help="Also verify at ORT_ENABLE_ALL (ONNX Runtime's own fusions), within --tolerance-lsb.",
     ),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help=f"Run LOWERED on: {', '.join(RUNTIMES)}."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the verification report as JSON."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
 ) -> None:
@@ -332,7 +349,7 @@ def verify_command(
             feeds = load_inputs_npz(inputs, original) if inputs is not None else None
             report = verify(
                 ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
-                batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
+                batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized, runtime=runtime,
             )
             _print_verification(report, quiet, console)
             if report_path is not None:
@@ -340,7 +357,7 @@ def verify_command(
         except QlowerError as exc:
             raise _fail(exc) from None
     if not report.passed:
-        stderr.print(f"qlower: error [VerificationError]: {report.failures[0]}", markup=False)
+        stderr.print(f"qlower: error [VerificationError]: {report.failure_message()}", markup=False)
         raise typer.Exit(1)
 
 

@@ -23,7 +23,7 @@ from .profiles import PORTABLE, Profile, get_profile
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_pass
 from .errors import VerificationError
 from .passes.registry import graph_passes_for, quantizer_passes_for
-from .verification import VerificationReport, verify
+from .verification import VerificationReport, check_runtime, verify
 
 TARGETS = ("qcdq", "qop")
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -144,6 +144,7 @@ def convert(
     check_optimized: bool = True,
     x86_without_vnni: bool = False,
     profile: str | Profile = "portable",
+    runtime: str = "onnxruntime",
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
 
@@ -155,6 +156,8 @@ def convert(
     do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
     ``x86_without_vnni`` (qop): keep integer weights exact on x86 CPUs without VNNI too
     (|k*w| <= 64, else uint8 weights for the slower u8u8 kernel), reported per unit.
+    ``runtime`` is the runtime verification runs the lowered model on: "onnxruntime" or
+    "openvino" (the optional openvino package, CPU with the f32 precision hint).
 
     ``output_path`` takes what :mod:`qlower.output` writes: a file (replaced atomically),
     a symlink (its target replaced), a device or FIFO (written directly), ``"-"`` (stdout),
@@ -172,6 +175,8 @@ def convert(
     if output_path is not None:  # refuse an unusable output before the work, not after it
         output_path = output.output_file_for(output_path, source_path, to)
         output.check(output_path, protect=[source_path] if source_path else ())
+    if verify_result:
+        check_runtime(runtime)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     original = ir.load_model(source)
@@ -203,8 +208,10 @@ def convert(
         reference_source = normalized if output_opset > input_opset else original
         report.verification = verify(
             reference_source, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
-            check_optimized=check_optimized,
+            check_optimized=check_optimized, runtime=runtime,
         )
+        if report.verification.kernels is not None:
+            report.verification.kernels.explain(unit_records)
         seconds["verify"] = time.perf_counter() - start
         try:
             report.verification.raise_if_failed()

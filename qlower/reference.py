@@ -17,6 +17,7 @@ would in the original model. Each group's session is built once, in ``__init__``
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -44,8 +45,13 @@ def first_line(error: BaseException | str) -> str:
     return text.splitlines()[0].strip() if text else type(error).__name__
 
 
-def make_session(model: onnx.ModelProto | bytes, *, optimized: bool) -> ort.InferenceSession:
+def make_session(
+    model: onnx.ModelProto | bytes, *, optimized: bool, saved_graph: str | os.PathLike | None = None
+) -> ort.InferenceSession:
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
+
+    ``saved_graph``: where ORT writes the graph it runs after its optimizations (the
+    verifier counts integer kernels in it).
 
     The unoptimized level is the one held to bit-exactness, so it also turns off weight
     prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
@@ -62,6 +68,8 @@ def make_session(model: onnx.ModelProto | bytes, *, optimized: bool) -> ort.Infe
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+    if saved_graph is not None:
+        options.optimized_model_filepath = os.fspath(saved_graph)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
@@ -324,12 +332,15 @@ class ReferenceExecutor:
         feeds: Mapping[str, np.ndarray],
         *,
         perturb: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+        keep: Sequence[str] = (),
     ) -> dict[str, np.ndarray]:
         """Execute the model on ``feeds`` (one array per real input); return every graph output.
 
         ``perturb`` maps a QONNX node's output name to a function applied to its value
         before anything reads it: the verifier uses it to measure how far a step of an
-        upstream quantizer moves an output that has no grid of its own.
+        upstream quantizer moves an output that has no grid of its own. ``keep`` names
+        internal tensors to return too (the verifier's taps: QONNX node outputs are always
+        computed here); those the run did not compute are left out.
         """
         missing = [name for name in self._input_names if name not in feeds]
         if missing:
@@ -340,7 +351,9 @@ class ReferenceExecutor:
             step.run(env)
             if perturb and isinstance(step, _QonnxStep) and step.output in perturb:
                 env[step.output] = perturb[step.output](env[step.output])
-        return {name: np.array(env[name]) for name in self._output_names}
+        results = {name: np.array(env[name]) for name in self._output_names}
+        results.update({name: np.array(env[name]) for name in keep if name in env and name not in results})
+        return results
 
     # -- planning -----------------------------------------------------------------------
 

@@ -119,3 +119,44 @@ def make_conv_chain_model(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
     model.ir_version = 8
     return model
+
+
+def make_signed_4bit_conv_net(layers: int = 3, channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A small signed 4-bit conv net: ``Quant_in -> (Conv(Quant_w{i}) -> Quant_a{i}) x layers -> GAP``.
+
+    Activation steps are not powers of two and weights are per-channel, as in Brevitas's
+    signed 4-bit deployment nets; node names are ``Conv_{i}`` and ``Quant_a{i}``.
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+
+    def const(name: str, value: object) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def quant(name: str, source: str, scale: object) -> str:
+        params = [const(f"{name}_s", scale), const(f"{name}_z", 0.0), const(f"{name}_b", 4.0)]
+        nodes.append(
+            helper.make_node("Quant", [source, *params], [f"{name}_out"], name=name, domain=QONNX_DOMAIN, signed=1, narrow=0, rounding_mode="ROUND")
+        )
+        return f"{name}_out"
+
+    tensor, inputs = quant("Quant_in", "x", 0.0371), 3
+    for i in range(layers):
+        scale = rng.uniform(0.02, 0.06, (channels, 1, 1, 1)).astype(np.float32)
+        weight = rng.integers(-8, 8, (channels, inputs, 3, 3)).astype(np.float32) * scale
+        nodes.append(helper.make_node("Conv", [tensor, quant(f"Quant_w{i}", const(f"w{i}", weight), scale)], [f"conv{i}"], name=f"Conv_{i}", pads=[1, 1, 1, 1]))
+        tensor, inputs = quant(f"Quant_a{i}", f"conv{i}", 0.0523 * (i + 1)), channels
+    nodes.append(helper.make_node("GlobalAveragePool", [tensor], ["pooled"], name="Pool"))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["y"], name="Flatten"))
+    graph = helper.make_graph(
+        nodes,
+        "signed_4bit_conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
+    model.ir_version = 8
+    return model

@@ -25,14 +25,17 @@ builds the report, ``verifier`` runs it all.
 
 from .compare import OutputRecord, VerificationReport
 from .inputs import load_inputs_npz, make_inputs
-from .verifier import OPTIMIZED, TARGETS, UNOPTIMIZED, verify
+from .runners import OPTIMIZED, RUNTIMES, UNOPTIMIZED, check_runtime
+from .verifier import TARGETS, verify
 
 __all__ = [
     "OPTIMIZED",
+    "RUNTIMES",
     "TARGETS",
     "UNOPTIMIZED",
     "OutputRecord",
     "VerificationReport",
+    "check_runtime",
     "load_inputs_npz",
     "make_inputs",
     "verify",

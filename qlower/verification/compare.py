@@ -9,7 +9,9 @@ import numpy as np
 
 from ..errors import VerificationError
 from ..report_schema import header
+from .kernels import KernelCount
 from .units import Unit
+
 
 @dataclass
 class OutputRecord:
@@ -44,21 +46,165 @@ def _json_number(value: object) -> object:
 
 
 @dataclass
+class InternalRecord:
+    """How one tapped internal activation compared at one level, over all batches.
+
+    ``tensor`` is the quantizer output's name in the original, ``node`` that quantizer,
+    ``lowered_tensor`` what was read in the lowered model (an integer tensor dequantized
+    with its recorded scale and zero point, or the float tensor itself). Differences are
+    in steps of that quantizer (``max_lsb_diff``).
+    """
+
+    tensor: str
+    node: str
+    lowered_tensor: str
+    level: str
+    max_abs_diff: float
+    max_lsb_diff: float
+    differing: int
+    elements: int
+    rule: str
+    passed: bool
+    note: str | None = None
+
+    @property
+    def differing_share(self) -> float:
+        return self.differing / self.elements if self.elements else 0.0
+
+    def amount(self) -> str:
+        if self.note:
+            return self.note
+        return f"{self.differing} of {self.elements} elements differ (max |diff| {self.max_abs_diff:g}, {self.max_lsb_diff:g} LSB)"
+
+    def to_dict(self) -> dict[str, object]:
+        return {key: _json_number(value) for key, value in self.__dict__.items()} | {"differing_share": self.differing_share}
+
+
+def internal_summary(records: list[InternalRecord], level: str) -> dict[str, object]:
+    """Per level: how many taps and elements were compared, how many differ, and the worst tap."""
+    at_level = [record for record in records if record.level == level]
+    elements = sum(record.elements for record in at_level)
+    differing = sum(record.differing for record in at_level)
+    worst = max(at_level, key=lambda record: (record.max_lsb_diff, record.differing), default=None)
+    return {
+        "level": level,
+        "tensors": len(at_level),
+        "elements": elements,
+        "differing": differing,
+        "differing_share": differing / elements if elements else 0.0,
+        "failed": sum(not record.passed for record in at_level),
+        "worst": None if worst is None or not worst.differing else {
+            "tensor": worst.tensor, "node": worst.node, "max_lsb_diff": _json_number(worst.max_lsb_diff),
+            "differing_share": worst.differing_share,
+        },
+    }
+
+
+@dataclass
+class Divergence:
+    """The first tensor, in the original's topological order, that departs from the reference.
+
+    ``node`` is the original node writing it (a quantizer for an internal tap);
+    ``suspects`` are nodes of the lowered model between the last tensors that still
+    matched and this one, where the difference arose.
+    """
+
+    level: str
+    node: str
+    tensor: str
+    amount: str
+    suspects: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        text = f"first divergence at {self.level}: node {self.node!r} (tensor {self.tensor!r}): {self.amount}"
+        if self.suspects:
+            text += f"; lowered nodes since the last matching tensors: {', '.join(self.suspects)}"
+        return text
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Advisory:
+    """A setting run for information, not held to a rule (OpenVINO's default precision hint)."""
+
+    level: str
+    settings: dict[str, str]
+    outputs: list[OutputRecord] = field(default_factory=list)
+    internal: list[InternalRecord] = field(default_factory=list)
+    note: str | None = None
+
+    def summary(self) -> str:
+        if self.note:
+            return f"{self.level}: {self.note}"
+        hint = self.settings.get("INFERENCE_PRECISION_HINT", "")
+        differing = [record for record in self.outputs if record.differing_share]
+        text = f"{self.level} ({hint}): {len(differing)} of {len(self.outputs)} outputs differ"
+        if differing:
+            worst = max(differing, key=lambda record: record.max_unit_diff)
+            unit = "LSB" if worst.max_lsb_diff is not None else "x unit"
+            text += f" (worst {worst.name!r}: {worst.differing_share:.2%} of elements, {worst.max_unit_diff:g} {unit})"
+        inside = internal_summary(self.internal, self.level)
+        if inside["tensors"]:
+            text += f"; {inside['differing_share']:.2%} of {inside['elements']} internal elements differ"
+            if inside["worst"]:
+                text += f" (worst {inside['worst']['node']!r}: {inside['worst']['max_lsb_diff']} LSB)"  # type: ignore[index]
+        return text
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "level": self.level,
+            "settings": dict(self.settings),
+            "summary": self.summary(),
+            "outputs": [record.to_dict() for record in self.outputs],
+            "internal_summary": internal_summary(self.internal, self.level),
+            "note": self.note,
+        }
+
+
+@dataclass
 class VerificationReport:
-    """The verdict: per-output records, the settings used, and one-line failure reasons."""
+    """The verdict: per-output and per-tap records, the settings used, and one-line failure reasons.
+
+    JSON fields (``to_dict``): ``passed``; ``target``, ``tolerance_lsb``, ``batches``,
+    ``seed``; ``runtime`` ("onnxruntime" or "openvino") and ``settings`` (per level, what
+    the runner ran with); ``outputs`` (an :class:`OutputRecord` per graph output and
+    level); ``internal_summary`` (per level: taps and elements compared, differing, the
+    worst tap) and ``internal`` (the :class:`InternalRecord` of each tap that differs or
+    fails); ``first_divergence`` (a :class:`Divergence`, or null); ``kernels`` (a
+    :class:`~qlower.verification.kernels.KernelCount` at ``ORT_ENABLE_ALL``, or null);
+    ``advisories`` (settings run for information only); ``notes``; ``failures``.
+    """
 
     target: str
     tolerance_lsb: float
     batches: int
     seed: int
+    runtime: str = "onnxruntime"
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)
     outputs: list[OutputRecord] = field(default_factory=list)
+    internal: list[InternalRecord] = field(default_factory=list)
+    first_divergence: Divergence | None = None
+    kernels: KernelCount | None = None
+    advisories: list[Advisory] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    def failure_message(self) -> str:
+        """The first failure, with the first divergence when one was located."""
+        if not self.failures:
+            return ""
+        if self.first_divergence is None:
+            return self.failures[0]
+        return f"{self.failures[0]}; {self.first_divergence.line()}"
+
     def to_dict(self) -> dict[str, object]:
+        levels = list(self.settings)
         return {
             **header("verify"),
             "passed": self.passed,
@@ -66,14 +212,22 @@ class VerificationReport:
             "tolerance_lsb": self.tolerance_lsb,
             "batches": self.batches,
             "seed": self.seed,
+            "runtime": self.runtime,
+            "settings": {level: dict(values) for level, values in self.settings.items()},
             "outputs": [record.to_dict() for record in self.outputs],
+            "internal_summary": [internal_summary(self.internal, level) for level in levels],
+            "internal": [record.to_dict() for record in self.internal if record.differing or not record.passed],
+            "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
+            "kernels": self.kernels.to_dict() if self.kernels else None,
+            "advisories": [advisory.to_dict() for advisory in self.advisories],
+            "notes": list(self.notes),
             "failures": list(self.failures),
         }
 
     def raise_if_failed(self) -> None:
-        """Raise VerificationError with the first failure line when verification failed."""
+        """Raise VerificationError with the failure message when verification failed."""
         if self.failures:
-            raise VerificationError(self.failures[0])
+            raise VerificationError(self.failure_message())
 
 
 @dataclass
@@ -161,3 +315,30 @@ def failure_line(record: OutputRecord, tally: Tally) -> str:
         return f"{where}: {amount}; must be bit-identical to the reference"
     return f"{where}: {amount}; exceeds the tolerance {record.rule}"
 
+
+
+def make_internal_record(point_tensor: str, node: str, lowered_tensor: str, level: str, tally: Tally, exact: bool, tolerance: float) -> InternalRecord:
+    if exact:
+        rule, passed = "bit-identical", tally.differing == 0 and tally.note is None
+    else:
+        rule, passed = f"<= {tolerance:g} LSB", tally.max_units <= tolerance and tally.note is None
+    return InternalRecord(
+        tensor=point_tensor,
+        node=node,
+        lowered_tensor=lowered_tensor,
+        level=level,
+        max_abs_diff=tally.max_abs,
+        max_lsb_diff=tally.max_units,
+        differing=tally.differing,
+        elements=tally.total,
+        rule=rule,
+        passed=passed,
+        note=tally.note,
+    )
+
+
+def internal_failure_line(first: InternalRecord, others: int) -> str:
+    """One line naming the first failing tap at a level (topologically) and how many more fail."""
+    line = f"internal tensor {first.tensor!r} (quantizer {first.node!r}) at {first.level}: {first.amount()}"
+    line += "; must be bit-identical to the reference" if first.rule == "bit-identical" else f"; exceeds the tolerance {first.rule}"
+    return line + (f" ({others} more internal tensors fail there)" if others else "")

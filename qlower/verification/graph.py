@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,3 +50,37 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
 def quantizer_op(node: onnx.NodeProto) -> str | None:
     return OP_ALIASES.get(node.op_type, node.op_type) if is_qonnx_node(node) else None
 
+
+
+def topological_ranks(index: GraphIndex) -> dict[int, int]:
+    """Each non-constant node's position in a topological order (Kahn's, ties by node index)."""
+    pending = {i: len({name for name in node.input if name in index.producer}) for i, node in _nodes(index)}
+    ready = sorted(i for i, count in pending.items() if count == 0)
+    ranks: dict[int, int] = {}
+    queue = deque(ready)
+    while queue:
+        i = queue.popleft()
+        ranks[i] = len(ranks)
+        for name in set(index.graph.node[i].output):
+            for j in {j for j, _ in index.consumers.get(name, [])}:
+                if j in pending:
+                    pending[j] -= 1
+                    if pending[j] == 0:
+                        queue.append(j)
+    return ranks
+
+
+def _nodes(index: GraphIndex) -> list[tuple[int, onnx.NodeProto]]:
+    return [(i, node) for i, node in enumerate(index.graph.node) if not is_constant_node(node)]
+
+
+def input_dependent(index: GraphIndex, inputs: list[str]) -> set[str]:
+    """The tensors whose values depend on the graph inputs ``inputs`` (forward reachability)."""
+    reached, queue = set(inputs), deque(inputs)
+    while queue:
+        for _, node in index.consumers.get(queue.popleft(), []):
+            for name in node.output:
+                if name and name not in reached:
+                    reached.add(name)
+                    queue.append(name)
+    return reached

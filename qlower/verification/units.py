@@ -103,7 +103,7 @@ def _scale_text(scale: np.ndarray) -> str:
     return f"scale {float(scale.reshape(-1)[0]):.9g}" if scale.size == 1 else f"per-channel scales {list(scale.shape)}"
 
 
-def _output_grid(index: GraphIndex, node: onnx.NodeProto, label: str, elementwise: bool) -> Unit | None:
+def output_grid(index: GraphIndex, node: onnx.NodeProto, label: str, elementwise: bool) -> Unit | None:
     """The grid a quantizer's output lies on, when its parameters are constants."""
     op = quantizer_op(node)
     if op == "FloatQuant":
@@ -157,7 +157,7 @@ def _grid_of(index: GraphIndex, name: str, elementwise: bool = True) -> Unit | N
     while name in index.producer:
         position, node = index.producer[name]
         if quantizer_op(node) is not None:
-            return _output_grid(index, node, node_label(node, position), elementwise)
+            return output_grid(index, node, node_label(node, position), elementwise)
         if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
             return _dequantize_grid(index, node, node_label(node, position), elementwise)
         if node.domain not in ("", "ai.onnx") or node.op_type not in _GRID_KEEPING or not node.input:
@@ -188,7 +188,7 @@ def _frontier(index: GraphIndex, name: str) -> list[tuple[str, str, StepFunction
         position, node = index.producer[tensor]
         if quantizer_op(node) is not None:
             label = node_label(node, position)
-            grid = _output_grid(index, node, label, True)
+            grid = output_grid(index, node, label, True)
             if grid is not None and grid.step is not None:
                 (constants if node.input[0] in index.constants else activations).append((tensor, label, grid.step))
             continue

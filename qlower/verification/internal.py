@@ -1,0 +1,110 @@
+"""Internal taps: the quantized activations present in both models, compared in their own steps.
+
+Graph outputs are not enough (SPEC section 4): one-step flips compound inside a network
+and an average pool or float logits can hide them. Every activation quantizer of the
+original (its data input depends on a graph input, its parameters are constants, its
+output is not a graph output) is a tap when the lowered model still holds its value:
+
+* a :class:`qlower.taps.Tap` record in the lowered model names the integer tensor;
+* else, when the tensor keeps its name and a DequantizeLinear with constant 8/16-bit
+  parameters writes it, the DequantizeLinear's integer input is read and dequantized
+  exactly as DequantizeLinear does (reading the integers, not the float, leaves ORT's
+  fusion of that DequantizeLinear into the next unit intact);
+* else, when a node of the lowered model writes a tensor of that name, it is read as is.
+
+All taps are read in the same run as the graph outputs, as extra graph outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .. import taps
+from ..reference import node_label
+from .graph import GraphIndex, quantizer_op
+from .units import Unit, output_grid
+
+# DequantizeLinear inputs whose integers Tap.dequantize reproduces exactly.
+_TAPPABLE_INTEGERS = frozenset(
+    {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32}
+)
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    """One quantized activation compared inside the models.
+
+    ``original`` is the quantizer's output in the original model, ``node`` that quantizer's
+    label and ``rank`` its topological position; ``exposed`` is the lowered model's tensor
+    that is read, decoded by ``tap`` when it holds integers (None: the float tensor itself).
+    """
+
+    original: str
+    node: str
+    rank: int
+    unit: Unit
+    exposed: str
+    tap: taps.Tap | None
+
+    def lowered_value(self, raw: np.ndarray) -> np.ndarray:
+        return self.tap.dequantize(raw) if self.tap is not None else raw
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
+
+
+def _dequantize_tap(original: str, node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], produced: set[str]) -> taps.Tap | None:
+    """The integers a DequantizeLinear with constant parameters reads, as a tap, if exact to decode."""
+    if len(node.input) < 2 or node.input[1] not in initializers or node.input[0] not in produced:
+        return None
+    scale = numpy_helper.to_array(initializers[node.input[1]])
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in initializers:
+            return None
+        zero = initializers[node.input[2]]
+        if zero.data_type not in _TAPPABLE_INTEGERS:
+            return None
+        zero_point = numpy_helper.to_array(zero)
+    else:
+        zero_point = np.zeros((), np.uint8)
+    if scale.dtype != np.float32 or scale.ndim > 1 or _attribute(node, "block_size", 0):
+        return None
+    return taps.Tap.of(original, node.input[0], scale, zero_point, _attribute(node, "axis", 1))
+
+
+def plan_taps(index: GraphIndex, ranks: dict[int, int], live: set[str], lowered: onnx.ModelProto) -> list[TapPoint]:
+    """The taps shared by the original and ``lowered``, in topological order.
+
+    ``index`` and ``ranks`` describe the original (see :mod:`.graph`); ``live`` holds the
+    tensors that depend on its graph inputs.
+    """
+    records = {tap.original: tap for tap in taps.read(lowered)}
+    lowered_producers = {name: node for node in lowered.graph.node for name in node.output if name}
+    produced = set(lowered_producers) | {value.name for value in lowered.graph.input}
+    initializers = {tensor.name: tensor for tensor in lowered.graph.initializer}
+    outputs = {value.name for value in index.graph.output}
+    points, exposed = [], set()
+    for position, node in enumerate(index.graph.node):
+        if quantizer_op(node) is None or position not in ranks or not node.input or node.input[0] not in live:
+            continue
+        name = node.output[0]
+        label = node_label(node, position)
+        grid = output_grid(index, node, label, True)
+        if name in outputs or grid is None:
+            continue
+        tap = records.get(name)
+        if tap is None and name in lowered_producers:
+            writer = lowered_producers[name]
+            if writer.op_type == "DequantizeLinear" and writer.domain in ("", "ai.onnx"):
+                tap = _dequantize_tap(name, writer, initializers, produced)
+        reads = tap.tensor if tap else name
+        if (tap is None and name not in lowered_producers) or reads in exposed:
+            continue
+        exposed.add(reads)
+        points.append(TapPoint(name, label, ranks[position], grid, tap.tensor if tap else name, tap))
+    return sorted(points, key=lambda point: point.rank)

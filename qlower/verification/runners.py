@@ -1,0 +1,203 @@
+"""Runtimes the lowered model is verified on, behind one small interface.
+
+A :class:`Runner` is one runtime at one setting: it opens a model into a :class:`Session`
+(run feeds, fetch outputs by name), says whether it rewrites the graph before running it
+(``optimizes``: then exposing an internal tensor as an extra output can change what runs,
+so the verifier opens the model twice, as deployed and with its taps exposed), and
+describes its settings for the report.
+
+* ``onnxruntime``: ``ORT_DISABLE_ALL`` (one thread, no prepacking; a ``qcdq`` lowering is
+  held to bit-identity there) and, unless told not to, ``ORT_ENABLE_ALL`` as users deploy it.
+* ``openvino`` (optional: ``pip install 'qlower[openvino]'``): the CPU plugin with
+  ``INFERENCE_PRECISION_HINT`` f32, held to the tolerance. OpenVINO's default hint
+  (bf16 on CPUs with AMX or avx512_bf16) runs float ops in bf16; the verifier runs it once
+  more as an advisory and reports what it changes, without failing on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import UnsupportedError
+from ..reference import make_session
+
+RUNTIMES = ("onnxruntime", "openvino")
+UNOPTIMIZED = "ORT_DISABLE_ALL"
+OPTIMIZED = "ORT_ENABLE_ALL"
+OPENVINO_F32 = "OPENVINO_CPU_F32"
+OPENVINO_DEFAULT = "OPENVINO_CPU_DEFAULT"
+
+
+class Session(ABC):
+    """A model opened in a runtime."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    @abstractmethod
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The tensors ``names`` (graph outputs of the opened model) for one batch of ``feeds``."""
+
+
+class Runner(ABC):
+    """One runtime at one setting."""
+
+    runtime: str  # how messages name the runtime
+    level: str  # how the report names this setting
+    optimizes: bool  # rewrites the graph before running it
+    exact_for_qcdq: bool = False  # a qcdq lowering must be bit-identical here
+    advisory: bool = False  # run for the report only, never failing verification
+
+    @abstractmethod
+    def settings(self) -> dict[str, str]:
+        """What this runner runs with, for the report."""
+
+    @abstractmethod
+    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
+        """Load ``model``; where the runtime can, write the graph it runs to ``saved_graph``.
+
+        Raises whatever the runtime raises on a model it cannot load.
+        """
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the internal tensors ``names``.
+
+    Their types come from the model's value_info, else from ONNX shape inference (ORT needs
+    a typed graph output).
+    """
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    wanted = [name for name in names if name not in {value.name for value in model.graph.output}]
+    if not wanted:
+        return exposed
+    known = {value.name: value for value in model.graph.value_info}
+    if any(name not in known for name in wanted):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            known.update({value.name: value for value in inferred.graph.value_info})
+        except Exception:  # inference is only a source of types; ORT reports what stays untyped
+            pass
+    for name in wanted:
+        value = known.get(name)
+        elem_type = value.type.tensor_type.elem_type if value is not None else onnx.TensorProto.UNDEFINED
+        exposed.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
+    return exposed
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+class _OrtSession(Session):
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self.input_names = [meta.name for meta in session.get_inputs()]  # type: ignore[attr-defined]
+        self.output_names = [meta.name for meta in session.get_outputs()]  # type: ignore[attr-defined]
+
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(value) for value in self._session.run(list(names), dict(feeds))]  # type: ignore[attr-defined]
+
+
+class OrtRunner(Runner):
+    runtime = "ONNX Runtime"
+
+    def __init__(self, optimized: bool) -> None:
+        self.optimizes = optimized
+        self.level = OPTIMIZED if optimized else UNOPTIMIZED
+        self.exact_for_qcdq = not optimized
+
+    def settings(self) -> dict[str, str]:
+        import onnxruntime
+
+        settings = {"runtime": "onnxruntime", "version": onnxruntime.__version__, "provider": "CPUExecutionProvider"}
+        settings["graph_optimization_level"] = self.level
+        if not self.optimizes:
+            settings.update({"intra_op_num_threads": "1", "session.disable_prepacking": "1"})
+        return settings
+
+    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
+        return _OrtSession(make_session(model.SerializeToString(), optimized=self.optimizes, saved_graph=saved_graph))
+
+
+# ---------------------------------------------------------------------------------------
+# OpenVINO
+
+
+def _openvino() -> object:
+    try:
+        return importlib.import_module("openvino")
+    except ImportError:
+        raise UnsupportedError(
+            "--runtime openvino needs OpenVINO, which is not installed: pip install 'qlower[openvino]'"
+        ) from None
+
+
+class _OpenVinoSession(Session):
+    def __init__(self, compiled: object) -> None:
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
+        self.input_names = [port.get_any_name() for port in compiled.inputs]  # type: ignore[attr-defined]
+        self._ports = {name: port for port in compiled.outputs for name in port.get_names()}  # type: ignore[attr-defined]
+        self.output_names = [port.get_any_name() for port in compiled.outputs]  # type: ignore[attr-defined]
+
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        results = self._request.infer(dict(feeds))  # type: ignore[attr-defined]
+        return [np.array(results[self._ports[name]]) for name in names]
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO's CPU plugin; ``hint`` None leaves INFERENCE_PRECISION_HINT at the device default."""
+
+    runtime = "OpenVINO"
+    optimizes = True
+
+    def __init__(self, hint: str | None = "f32") -> None:
+        self._ov = _openvino()
+        self._core = self._ov.Core()  # type: ignore[attr-defined]
+        self.hint = hint
+        self.level = OPENVINO_F32 if hint == "f32" else OPENVINO_DEFAULT
+        self.advisory = hint is None
+
+    def default_hint(self) -> str:
+        """The CPU plugin's INFERENCE_PRECISION_HINT when none is set (bf16 on AMX/avx512_bf16 CPUs)."""
+        return str(self._core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())  # type: ignore[attr-defined]
+
+    def settings(self) -> dict[str, str]:
+        hint = self.hint or f"{self.default_hint()}, the device default"
+        return {
+            "runtime": "openvino",
+            "version": str(self._ov.__version__),  # type: ignore[attr-defined]
+            "device": "CPU",
+            "INFERENCE_PRECISION_HINT": hint,
+        }
+
+    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
+        read = self._core.read_model(model.SerializeToString())  # type: ignore[attr-defined]
+        config = {"INFERENCE_PRECISION_HINT": self.hint} if self.hint else {}
+        return _OpenVinoSession(self._core.compile_model(read, "CPU", config))  # type: ignore[attr-defined]
+
+
+def check_runtime(runtime: str) -> None:
+    """Refuse an unknown runtime, or one that is not installed, before any work is done."""
+    if runtime not in RUNTIMES:
+        raise UnsupportedError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        _openvino()
+
+
+def runners_for(runtime: str, check_optimized: bool) -> list[Runner]:
+    """The runners a lowered model is held to on ``runtime``."""
+    if runtime == "onnxruntime":
+        return [OrtRunner(False)] + ([OrtRunner(True)] if check_optimized else [])
+    if runtime == "openvino":
+        checked = OpenVinoRunner("f32")
+        return [checked] + ([OpenVinoRunner(None)] if checked.default_hint() != "f32" else [])
+    raise UnsupportedError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")

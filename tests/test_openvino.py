@@ -1,0 +1,70 @@
+"""Verification on OpenVINO (the optional runtime): same rules and report as ONNX Runtime's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+import qlower
+from helpers import make_quant_model, make_signed_4bit_conv_net
+from qlower.errors import UnsupportedError
+from qlower.verification import runners, verify
+
+openvino = pytest.importorskip("openvino")
+
+
+def test_the_portable_layout_of_a_signed_4bit_conv_net_fails_on_openvino(tmp_path: Path) -> None:
+    # OpenVINO computes QuantizeLinear as a FakeQuantize (a reciprocal multiply): with steps
+    # that are not powers of two, ties land on the other side inside the network.
+    model = make_signed_4bit_conv_net()
+    original, lowered = tmp_path / "net.onnx", tmp_path / "net.qcdq.onnx"
+    onnx.save(model, str(original))
+    onnx.save(qlower.convert(model, verify_result=False).model, str(lowered))
+    assert subprocess.run([sys.executable, "-m", "qlower", "verify", str(original), str(lowered), "--batches", "2"]).returncode == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlower", "verify", str(original), str(lowered), "--runtime", "openvino", "--batches", "4"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"at {runners.OPENVINO_F32}" in proc.stderr and "first divergence" in proc.stderr
+    assert "verification on openvino" in proc.stdout
+
+
+def test_an_exact_lowering_passes_on_openvino_with_its_settings_reported() -> None:
+    model = make_quant_model(scale=0.5)  # power-of-two step: OpenVINO's reciprocal is exact
+    report = verify(model, qlower.convert(model, verify_result=False).model, runtime="openvino", batches=4)
+    assert report.passed, report.failures
+    assert report.runtime == "openvino" and [record.level for record in report.outputs] == [runners.OPENVINO_F32]
+    settings = report.settings[runners.OPENVINO_F32]
+    assert settings["INFERENCE_PRECISION_HINT"] == "f32" and settings["device"] == "CPU"
+    default = runners.OpenVinoRunner(None).default_hint()
+    # The default hint runs once more as an advisory where it differs from f32 (bf16 on
+    # AMX/avx512_bf16 CPUs), summarised and never failing.
+    assert [advisory.level for advisory in report.advisories] == ([] if default == "f32" else [runners.OPENVINO_DEFAULT])
+    for advisory in report.advisories:
+        assert advisory.settings["INFERENCE_PRECISION_HINT"].startswith(default) and advisory.summary()
+
+
+def test_convert_verifies_on_openvino() -> None:
+    result = qlower.convert(make_quant_model(scale=0.25), runtime="openvino", batches=2)
+    assert result.report.verification is not None and result.report.verification.runtime == "openvino"
+    assert result.report.to_dict()["verification"]["settings"][runners.OPENVINO_F32]["INFERENCE_PRECISION_HINT"] == "f32"  # type: ignore[index]
+
+
+def test_a_missing_openvino_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = runners.importlib.import_module
+
+    def without_openvino(name: str, *args: object) -> object:
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(runners.importlib, "import_module", without_openvino)
+    with pytest.raises(UnsupportedError, match=r"pip install 'qlower\[openvino\]'"):
+        qlower.convert(make_quant_model(), runtime="openvino")
+    with pytest.raises(UnsupportedError, match="unknown runtime 'tensorrt'"):
+        verify(make_quant_model(), make_quant_model(), runtime="tensorrt")
