@@ -38,20 +38,14 @@ from .passes.registry import graph_passes_for
 from .pipeline import TARGETS, ConversionResult, convert
 from .profiles import PORTABLE, PROFILES
 from .report_schema import header
+from .verification.kernels import FLOAT_KERNELS as ORT_FLOAT_KERNELS
+from .verification.kernels import INTEGER_KERNELS as ORT_INTEGER_KERNELS
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Ops whose output holds the same values as their first input (qonnx's dt_identity_optypes).
 VALUE_MOVING_OPS = frozenset({
     "Reshape", "Transpose", "Flatten", "Slice", "Gather", "GatherElements", "GatherND", "Identity", "Expand",
     "MaxPool", "GlobalMaxPool", "Squeeze", "Unsqueeze", "Tile", "Pad", "Concat", "Clip",
-})
-# Compute kernels in ONNX Runtime's optimized graph, by whether they run on integers.
-ORT_INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "QAttention",
-})
-ORT_FLOAT_KERNELS = frozenset({
-    "Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NhwcFusedConv", "NhwcConv",
 })
 
 

@@ -21,10 +21,10 @@ from typing import Iterable, Mapping
 import onnx
 
 INTEGER_KERNELS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul"}
+    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul", "QAttention"}
 )
 FLOAT_KERNELS = frozenset(
-    {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "TransposeMatMul", "Gemm", "FusedGemm"}
+    {"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "TransposeMatMul", "Gemm", "FusedGemm"}
 )
 _Q_OPS = frozenset({"QuantizeLinear"})
 _DQ_OPS = frozenset({"DequantizeLinear"})

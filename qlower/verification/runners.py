@@ -23,7 +23,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import UnsupportedError
 from ..reference import make_session
@@ -68,27 +67,12 @@ class Runner(ABC):
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the internal tensors ``names``.
-
-    Their types come from the model's value_info, else from ONNX shape inference (ORT needs
-    a typed graph output).
-    """
+    """A copy of ``model`` that also outputs the internal tensors ``names`` (untyped: the
+    runtimes infer their types, and ONNX shape inference would cost more than the run)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    wanted = [name for name in names if name not in {value.name for value in model.graph.output}]
-    if not wanted:
-        return exposed
-    known = {value.name: value for value in model.graph.value_info}
-    if any(name not in known for name in wanted):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-            known.update({value.name: value for value in inferred.graph.value_info})
-        except Exception:  # inference is only a source of types; ORT reports what stays untyped
-            pass
-    for name in wanted:
-        value = known.get(name)
-        elem_type = value.type.tensor_type.elem_type if value is not None else onnx.TensorProto.UNDEFINED
-        exposed.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
+    declared = {value.name for value in model.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in declared)
     return exposed
 
 
