@@ -16,6 +16,7 @@ import qlower
 from helpers import QONNX_DOMAIN, make_signed_4bit_conv_net
 from paths import BREVITAS_DIR
 from qlower import taps
+from qlower.report_schema import load_schema
 from qlower.verification import OPTIMIZED, UNOPTIMIZED, verify
 
 
@@ -119,9 +120,14 @@ def test_a_corrupted_weight_names_the_node_whose_output_first_diverges(tmp_path:
     line = proc.stderr.strip()
     assert "\n" not in line and "first divergence at ORT_DISABLE_ALL: node 'Quant_a1'" in line
     assert "Conv_1 (Conv)" in line  # the lowered node between the last match and the divergence
-    divergence = json.loads(report_path.read_text())["first_divergence"]
+    payload = json.loads(report_path.read_text())
+    divergence = payload["first_divergence"]
     assert divergence["node"] == "Quant_a1" and divergence["level"] == UNOPTIMIZED
     assert divergence["suspects"][0] == "Conv_1 (Conv)"
+    assert payload["internal"] and payload["kernels"]["total"] == 3
+    jsonschema = pytest.importorskip("jsonschema")
+    errors = list(jsonschema.Draft202012Validator(load_schema()).iter_errors(payload))
+    assert not errors, errors[0].message
 
 
 def test_the_first_divergence_is_the_earliest_in_topological_order() -> None:
