@@ -41,7 +41,7 @@ from types import FrameType
 from typing import BinaryIO, Callable, Iterator, Literal, Sequence
 
 import onnx
-from onnx.external_data_helper import _get_initializer_tensors
+from google.protobuf.message import Message
 
 from .errors import OutputError
 
@@ -50,6 +50,9 @@ MAX_PROTOBUF_BYTES = 2**31 - 1
 EXTERNAL_DATA_SUFFIX = ".data"
 EXTERNAL_MIN_BYTES = 1024  # onnx.save_model's default size_threshold
 PAGE_ALIGN_FROM_BYTES = 1 << 20  # tensors of 1 MiB and more start on a 4 KiB page (mmap-friendly)
+GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 Writer = Callable[[BinaryIO], None]
 
@@ -427,12 +430,15 @@ def write_model(
     ``max_inline_bytes`` (protobuf's 2 GB limit; tests lower it). ``model`` is left as given.
 
     Below the limit the file is ``model.SerializeToString()``, byte for byte what
-    ``onnx.save`` writes. Above it, no serialised copy of the weights is ever made: each
-    large initializer's bytes go to the data file, the proto is written without them, and
-    then they are put back.
+    ``onnx.save`` writes. Above it, the graph's initializers of 1 KiB or more (raw data,
+    onnx's default threshold) go to the data file, 64-byte aligned (4 KiB from 1 MiB up),
+    and the model file points at them; neither file is ever held whole in memory.
     """
-    if model.ByteSize() <= max_inline_bytes:
-        data = model.SerializeToString()
+    if _fits_inline(model, max_inline_bytes):
+        try:
+            data = model.SerializeToString()
+        except (ValueError, RuntimeError) as exc:  # e.g. huge tensors stored outside raw_data
+            raise OutputError(f"{os.fspath(path)}: cannot serialise the model ({exc})") from None
         return write_with(path, lambda stream: stream.write(data), protect=protect)
     dest = resolve(path, protect)
     if not dest.is_file:
@@ -454,14 +460,14 @@ def write_model(
     with _cleanup_on_signals(dest.requested):
         staging = _Staging()
         try:
-            with _weights_moved_out(model, data_name) as (write_data, max_after):
-                if max_after > max_inline_bytes:
-                    raise OutputError(
-                        f"{dest.requested}: the model is still {max_after} bytes with its initializers moved out "
-                        f"(over the {max_inline_bytes}-byte protobuf limit); its large tensors are not raw data"
-                    )
-                staging.stage(data_dest, write_data)
-                staging.stage(dest, lambda stream: stream.write(model.SerializeToString()))
+            externals = _ExternalInitializers(model, data_name)
+            staging.stage(data_dest, externals.write_data)
+            if externals.model_size > max_inline_bytes:
+                raise OutputError(
+                    f"{dest.requested}: the model is still {externals.model_size} bytes with its initializers moved out "
+                    f"(over the {max_inline_bytes}-byte protobuf limit); its large tensors are not raw data"
+                )
+            staging.stage(dest, externals.write_model)
             staging.commit()
         except BaseException:
             staging.discard()
@@ -469,49 +475,123 @@ def write_model(
     return dest.requested
 
 
+def _fits_inline(model: onnx.ModelProto, limit: int) -> bool:
+    """Whether ``model`` serialises to at most ``limit`` bytes, found without serialising it.
+
+    (``ByteSize()`` is no help: protobuf's upb backend serialises the whole message to
+    answer it, which for a 2 GB model costs seconds and twice the weights in memory.)
+    """
+    raw_bytes = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+    if raw_bytes < limit // 2:
+        return True  # the rest of a model is never as large as its weights; SerializeToString checks
+    graph_size = _copy_without(model.graph, "initializer").ByteSize() + sum(
+        _field_size(INITIALIZER_FIELD, _tensor_size(tensor)) for tensor in model.graph.initializer
+    )
+    return _copy_without(model, "graph").ByteSize() + _field_size(GRAPH_FIELD, graph_size) <= limit
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    return _copy_without(tensor, "raw_data").ByteSize() + _field_size(RAW_DATA_FIELD, len(tensor.raw_data))
+
+
+def _field_size(field_number: int, payload_size: int) -> int:
+    return len(_length_delimited(field_number, payload_size)) + payload_size
+
+
 def _aligned(offset: int, size: int) -> int:
     align = 4096 if size >= PAGE_ALIGN_FROM_BYTES else 64
     return -(-offset // align) * align
 
 
-@contextlib.contextmanager
-def _weights_moved_out(model: onnx.ModelProto, location: str) -> Iterator[tuple[Writer, int]]:
-    """Inside: ``model``'s large raw initializers point at ``location``; after: restored.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
-    Yields the writer of the data file and the size of the model without those bytes. Each
-    tensor's bytes are held once (taken out of the proto, put back after), so the peak is the
-    weights plus one tensor, not two copies of the model.
+
+def _length_delimited(field_number: int, payload_size: int) -> bytes:
+    """The tag and length that precede an embedded message (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(payload_size)
+
+
+def _copy_without(message: Message, skipped: str) -> Message:
+    """A copy of ``message`` without the field ``skipped`` (which is never copied at all)."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+class _ExternalInitializers:
+    """The two files of a model with external data, written without touching ``model``.
+
+    ``write_data`` streams each large raw initializer into the data file (one tensor's bytes
+    in Python at a time), recording where it went. ``write_model`` then writes the model
+    field by field: everything but the graph, then the graph without its initializers, then
+    each initializer with its bytes replaced by its place in the data file. Protobuf accepts
+    fields in any order, so this parses as the model onnx would write; no copy of the
+    weights, and no serialised copy of the model, is ever made.
     """
-    moved: list[tuple[onnx.TensorProto, bytes, int, bool]] = []
-    offset = 0
-    try:
-        for tensor in _get_initializer_tensors(model):
+
+    def __init__(self, model: onnx.ModelProto, location: str) -> None:
+        self.model, self.location = model, location
+        self.placed: dict[int, tuple[int, int]] = {}  # initializer index -> (offset, length)
+        self._model_bytes: list[bytes] | None = None
+
+    def write_data(self, stream: BinaryIO) -> None:
+        offset = 0
+        for index, tensor in enumerate(self.model.graph.initializer):
             if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data or not tensor.HasField("raw_data"):
                 continue
             raw = tensor.raw_data
             if len(raw) < EXTERNAL_MIN_BYTES:
                 continue
-            offset = _aligned(offset, len(raw))
-            moved.append((tensor, raw, offset, tensor.HasField("data_location")))
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
+            start = _aligned(offset, len(raw))
+            stream.write(b"\0" * (start - offset))
+            stream.write(raw)
+            self.placed[index] = (start, len(raw))
+            offset = start + len(raw)
+            del raw
 
-        def write_data(stream: BinaryIO) -> None:
-            position = 0
-            for _, raw, start, _ in moved:
-                stream.write(b"\0" * (start - position))
-                stream.write(raw)
-                position = start + len(raw)
+    def _pieces(self) -> list[bytes]:
+        if self._model_bytes is None:
+            initializers = []
+            for index, tensor in enumerate(self.model.graph.initializer):
+                if index in self.placed:
+                    stub = _copy_without(tensor, "raw_data")
+                    assert isinstance(stub, onnx.TensorProto)
+                    offset, length = self.placed[index]
+                    stub.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+                        entry = stub.external_data.add()
+                        entry.key, entry.value = key, value
+                    body = stub.SerializeToString()
+                else:
+                    body = tensor.SerializeToString()
+                initializers.append(_length_delimited(INITIALIZER_FIELD, len(body)) + body)
+            graph = _copy_without(self.model.graph, "initializer").SerializeToString()
+            graph_size = len(graph) + sum(len(piece) for piece in initializers)
+            head = _copy_without(self.model, "graph").SerializeToString() + _length_delimited(GRAPH_FIELD, graph_size)
+            self._model_bytes = [head, graph, *initializers]
+        return self._model_bytes
 
-        yield write_data, model.ByteSize()
-    finally:
-        for tensor, raw, _, location_was_set in moved:
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            if location_was_set:  # an explicit DEFAULT is serialised; keep the bytes as they were
-                tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+    @property
+    def model_size(self) -> int:
+        return sum(len(piece) for piece in self._pieces())
+
+    def write_model(self, stream: BinaryIO) -> None:
+        for piece in self._pieces():
+            stream.write(piece)

@@ -347,6 +347,17 @@ def test_external_data_loads_in_onnx_and_ort_and_is_reproducible(lowered: onnx.M
     assert qlower.verify(matmul_model(), qlower.ir.load_model(a), batches=2).passed
 
 
+def test_size_without_serialising_is_exact() -> None:
+    """The 2 GB decision is made without serialising; at the boundary it agrees with the bytes."""
+    weights = numpy_helper.from_array(np.arange(5000, dtype=np.float32), "w")
+    typed = helper.make_tensor("t", TensorProto.FLOAT, [300], np.ones(300, np.float32).tolist())  # float_data, not raw
+    graph = helper.make_graph([helper.make_node("Add", ["w", "w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5000])], [weights, typed])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    size = len(model.SerializeToString())
+    assert output._fits_inline(model, size) and not output._fits_inline(model, size - 1)
+
+
 def test_small_models_stay_one_file_byte_identical_to_onnx_save(lowered: onnx.ModelProto, tmp_path: Path) -> None:
     output.write_model(lowered, tmp_path / "ours.onnx")
     onnx.save(lowered, str(tmp_path / "theirs.onnx"))
