@@ -68,6 +68,9 @@ def _print_conversion(report: ConversionReport, quiet: bool, console: Console) -
         became = f"{record.emitted}" + ("  [float path]" if record.float_path else "")
         table.add_row(record.node, record.op, record.role, bits, became)
     console.print(table)
+    if report.profile.name != "portable":
+        settings = ", ".join(f"{s.runtime} {s.name}={s.value}" for s in report.profile.runtime_settings)
+        console.print(f"profile {report.profile.name} assumes {settings}", markup=False)
     if report.unit_records:
         units = Table(title="compute units")
         for column in ("node", "op", "became", "reason"):

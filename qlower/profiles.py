@@ -21,6 +21,19 @@ UINT8_SIGNED_SHIFT = 128  # int8 value v is stored as uint8 v + 128 (same satura
 
 
 @dataclass(frozen=True)
+class RuntimeSetting:
+    """One setting a layout assumes, in the runtime's own spelling (a runner can apply it)."""
+
+    runtime: str  # "any", "onnxruntime" or "openvino"
+    name: str
+    value: str
+    why: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"runtime": self.runtime, "name": self.name, "value": self.value, "why": self.why}
+
+
+@dataclass(frozen=True)
 class Profile:
     """A QCDQ layout policy. Field defaults are the portable (Brevitas) layout."""
 
@@ -35,10 +48,18 @@ class Profile:
     weight_range_clip: bool = True
     # Fold a Relu feeding an activation quantizer into its integer Clip (lo = max(lo, zp)).
     fold_relu_into_clip: bool = False
+    # Put Max(x, x) between a DequantizeLinear and an AveragePool, so a runtime that would
+    # run the pool on the integers and round the mean (OpenVINO) computes it in float.
+    average_pool_in_float: bool = False
+    # Write a Trunc v2 whose scale ratio snaps to 1 as Q -> [Clip] -> DQ instead of float ops.
+    trunc_unit_ratio_as_qdq: bool = False
+    # Report each QuantizeLinear whose scale is not a power of two: a runtime that
+    # multiplies by the reciprocal instead of dividing may flip a value lying on a tie.
+    report_reciprocal_scales: bool = False
     # Store constant weights over 8 bits as float32 constants instead of int32 + DQ.
     wide_weights_as_float: bool = False
-    # The runtime settings the layout assumes, (setting, value) in words.
-    runtime_settings: tuple[tuple[str, str], ...] = ()
+    # The runtime settings the layout assumes.
+    runtime_settings: tuple[RuntimeSetting, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -49,7 +70,10 @@ class Profile:
             "weight_range_clip": self.weight_range_clip,
             "fold_relu_into_clip": self.fold_relu_into_clip,
             "wide_weights_as_float": self.wide_weights_as_float,
-            "runtime_settings": {setting: value for setting, value in self.runtime_settings},
+            "average_pool_in_float": self.average_pool_in_float,
+            "trunc_unit_ratio_as_qdq": self.trunc_unit_ratio_as_qdq,
+            "report_reciprocal_scales": self.report_reciprocal_scales,
+            "runtime_settings": [setting.to_dict() for setting in self.runtime_settings],
         }
 
 
@@ -57,7 +81,7 @@ PORTABLE = Profile(
     name="portable",
     summary="Brevitas's own QCDQ export layout, so exported and lowered models look the same to every runtime",
     targets=("qcdq", "qop"),
-    runtime_settings=(("runtime", "any ONNX runtime with QuantizeLinear/DequantizeLinear and integer Clip (opset 13+)"),),
+    runtime_settings=(RuntimeSetting("any", "operators", "QuantizeLinear, DequantizeLinear, integer Clip", "opset 13+"),),
 )
 
 ORT = Profile(
@@ -67,8 +91,11 @@ ORT = Profile(
     fold_relu_into_clip=True,
     wide_weights_as_float=True,
     runtime_settings=(
-        ("runtime", "ONNX Runtime, CPU execution provider"),
-        ("graph_optimization_level", "ORT_ENABLE_ALL (the fusions need it; ORT_DISABLE_ALL computes the same values in float)"),
+        RuntimeSetting("onnxruntime", "providers", "CPUExecutionProvider", "the fusion rules measured in SPEC 2.2 are the CPU provider's"),
+        RuntimeSetting(
+            "onnxruntime", "graph_optimization_level", "ORT_ENABLE_ALL",
+            "the integer-kernel fusions need it; ORT_DISABLE_ALL computes the same values in float",
+        ),
     ),
 )
 
@@ -76,11 +103,23 @@ OPENVINO = Profile(
     name="openvino",
     summary="QCDQ that OpenVINO's CPU plugin runs as int8 kernels with the reference's rounding",
     weight_range_clip=False,
+    average_pool_in_float=True,
+    trunc_unit_ratio_as_qdq=True,
+    report_reciprocal_scales=True,
     runtime_settings=(
-        ("runtime", "OpenVINO, CPU device"),
-        ("INFERENCE_PRECISION_HINT", "f32 (the default bf16 on AMX/AVX512-BF16 CPUs rounds the float ops that remain)"),
+        RuntimeSetting("openvino", "device", "CPU", "the int8 transformations measured here are the CPU plugin's"),
+        RuntimeSetting("openvino", "INFERENCE_PRECISION_HINT", "f32", "the default bf16 on AMX/AVX512-BF16 CPUs rounds the float ops that remain"),
+        RuntimeSetting(
+            "openvino", "DYNAMIC_QUANTIZATION_GROUP_SIZE", "0",
+            "else a MatMul/Gemm with int8 weights and a float input quantizes that input on the fly",
+        ),
     ),
 )
+
+def openvino_config(profile: Profile) -> dict[str, str]:
+    """The OpenVINO compile properties ``profile`` assumes (for ``Core.compile_model``)."""
+    return {s.name: s.value for s in profile.runtime_settings if s.runtime == "openvino" and s.name != "device"}
+
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (PORTABLE, ORT, OPENVINO)}
 
@@ -126,6 +165,19 @@ def emitted_forms(profile: Profile) -> dict[str, str]:
         "weight, 9..32 bits": wide_weight,
         "bias": "int32 initializer -> DequantizeLinear(float32(s_x*s_w), 0) where exact",
         "binary activation (BipolarQuant, signed 1-bit Quant)": "GreaterOrEqual -> Where(+s, -s)",
-        "Trunc": "float ops in QONNX's order (Div, Round, Clip, rounding, Mul)",
-        "runtime settings assumed": "; ".join(f"{setting}: {value}" for setting, value in profile.runtime_settings),
+        "AveragePool on a dequantized input": (
+            "DequantizeLinear -> Max(x, x) -> AveragePool (keeps the mean in float)" if profile.average_pool_in_float else "unchanged"
+        ),
+        "Trunc v2 whose scale ratio snaps to 1 (per-tensor, <= 8 bits)": (
+            "[Div -> Add(zp)] -> QuantizeLinear(scale) -> [Clip] -> DequantizeLinear(out_scale)"
+            if profile.trunc_unit_ratio_as_qdq
+            else "float ops in QONNX's order (Div, Round, Clip, rounding, Mul)"
+        ),
+        "Trunc, other": "float ops in QONNX's order (Div, Round, Clip, rounding, Mul)",
+        "QuantizeLinear with a scale that is not a power of two": (
+            "reported per node (a reciprocal multiply may move a value on a tie by 1 step)"
+            if profile.report_reciprocal_scales
+            else "emitted as is"
+        ),
+        "runtime settings assumed": "; ".join(f"{s.runtime} {s.name}={s.value}" for s in profile.runtime_settings),
     }

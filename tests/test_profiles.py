@@ -10,11 +10,13 @@ import pytest
 from onnx import numpy_helper
 
 import qlower
-from qlower.profiles import ORT, PORTABLE, PROFILES, emitted_forms, get_profile
+from qlower.profiles import OPENVINO, PORTABLE, PROFILES, emitted_forms, get_profile, openvino_config
+from qlower.reference import make_session
+from qlower.verification.inputs import make_inputs
 
 import helpers
 from ort_kernels import kernel_counts
-from paths import BREVITAS_DIR, BREVITAS_MANIFEST, ZOO_MODELS
+from paths import BREVITAS_DIR, BREVITAS_MANIFEST, REAL_DIR, REAL_MANIFEST, ZOO_MODELS
 
 FIXTURES = [BREVITAS_DIR / f"{entry['name']}.qonnx.onnx" for entry in BREVITAS_MANIFEST]
 
@@ -104,9 +106,119 @@ def test_ort_profile_runs_every_conv_of_a_signed_4bit_deployment_net_as_an_integ
     assert kernel_counts(result.model, tmp_path) == (7, 0)
 
 
-@pytest.mark.parametrize("path", ZOO_MODELS + FIXTURES, ids=lambda p: p.name.removesuffix(".onnx"))
+@pytest.mark.parametrize("path", ZOO_MODELS + FIXTURES + [REAL_DIR / e["qonnx"] for e in REAL_MANIFEST], ids=lambda p: p.name.removesuffix(".onnx"))
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p != "portable"])
 def test_profiles_are_exact_on_zoo_and_brevitas_fixtures(path: Path, profile: str) -> None:
-    result = qlower.convert(path, profile=profile, batches=4)
+    result = qlower.convert(path, profile=profile, batches=2)
     assert exact_at_disable_all(result)
     assert result.report.verification.passed, result.report.verification.failures
+
+
+# ---- openvino profile on OpenVINO itself ---------------------------------------------
+
+REAL_FIXTURES = [REAL_DIR / entry["qonnx"] for entry in REAL_MANIFEST]
+# Float BatchNorm/Conv rounding in OpenVINO differs from ONNX Runtime's in the last bit, a
+# value near a tie flips (1 step, first at stage 3), and the flips compound through 13
+# more 4-bit layers: no layout can fix rounding inside float ops (measured: up to 42
+# steps on 16% of the last activation, with the f32 hint, portable layout the same).
+FLOAT_TIES_COMPOUND = {"quant_mobilenet_v1_4b.qonnx"}
+
+
+def _ort_disable_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    session = make_session(model, optimized=False)
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(None, feed))) for feed in feeds]
+
+
+def _openvino(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], path: Path) -> list[dict[str, np.ndarray]]:
+    openvino = pytest.importorskip("openvino")
+    onnx.save(model, str(path))
+    compiled = openvino.Core().compile_model(str(path), "CPU", openvino_config(OPENVINO))
+    # an output tensor may carry several names in OpenVINO; look each graph output up by its own
+    ports = {o.name: next(port for port in compiled.outputs if o.name in port.get_names()) for o in model.graph.output}
+    results = [compiled(feed) for feed in feeds]
+    return [{name: np.asarray(result[port]) for name, port in ports.items()} for result in results]
+
+
+def _dequantized_outputs(model: onnx.ModelProto) -> dict[str, float]:
+    """Graph outputs written by a DequantizeLinear: name -> smallest step."""
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    return {
+        n.output[0]: float(np.min(constants[n.input[1]]))
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.output[0] in outputs and n.input[1] in constants
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="float ties compound")) if p.name.removesuffix(".onnx") in FLOAT_TIES_COMPOUND else p
+     for p in ZOO_MODELS + FIXTURES + REAL_FIXTURES],
+    ids=lambda p: p.name.removesuffix(".onnx"),
+)
+def test_openvino_profile_runs_on_openvino_as_the_reference(path: Path, tmp_path: Path) -> None:
+    """Identical where every QuantizeLinear scale is a power of two, else <= 1 step on <= 2%;
+    float outputs (a final float Gemm) within float32 rounding of the accumulation."""
+    result = qlower.convert(path, profile="openvino", verify_result=False)
+    feeds = make_inputs(result.model, 4, 0)
+    expected, got = _ort_disable_all(result.model, feeds), _openvino(result.model, feeds, tmp_path / "model.onnx")
+    steps = _dequantized_outputs(result.model)
+    ties_may_flip = any(r["pass"] == "reciprocal_scales" for r in result.report.unit_records)
+    for name in expected[0]:
+        difference = np.concatenate([np.abs(g[name].astype(np.float64) - e[name]).ravel() for g, e in zip(got, expected)])
+        if name in steps:
+            # OpenVINO dequantizes by interpolating the FakeQuantize output range, which
+            # rounds differently in the last float bit: compare in steps of the output.
+            in_steps = difference / steps[name]
+            moved = in_steps > 1e-3
+            assert in_steps.max() <= (1.001 if ties_may_flip else 1e-3), name
+            assert np.mean(moved) <= 0.02, name
+        else:
+            magnitude = max(float(np.abs(e[name]).max()) for e in expected)
+            assert difference.max() <= 1e-5 * max(magnitude, 1e-30), name
+
+
+def test_openvino_profile_quantizes_with_even_zero_points_only() -> None:
+    # OpenVINO adds a QuantizeLinear's zero point before rounding: an odd one flips every
+    # tie. qlower adds a non-zero QONNX zero point in float before a unit-scale Q, so every
+    # Q zero point is 0 (or the +128 container shift): checked over every fixture.
+    for path in ZOO_MODELS + FIXTURES:
+        model = qlower.convert(path, profile="openvino", verify_result=False).model
+        for node in nodes_of(model, "QuantizeLinear"):
+            assert np.all(initializer(model, node.input[2]).astype(np.int64) % 2 == 0), (path.name, node.name)
+
+
+def test_openvino_profile_drops_weight_clips_and_guards_average_pools() -> None:
+    path = BREVITAS_DIR / "trunc_avgpool.qonnx.onnx"
+    portable = qlower.convert(path, verify_result=False).model
+    result = qlower.convert(path, profile="openvino")
+    assert exact_at_disable_all(result)
+    weight_clips = lambda m: [c for c in nodes_of(m, "Clip") if c.input[0] in {t.name for t in m.graph.initializer}]
+    assert weight_clips(portable) and not weight_clips(result.model)
+    (pool,) = nodes_of(result.model, "AveragePool")
+    (guard,) = nodes_of(result.model, "Max")
+    assert pool.input[0] == guard.output[0] and guard.input[0] == guard.input[1]
+
+
+def test_openvino_profile_writes_a_unit_ratio_trunc_as_qdq() -> None:
+    path = BREVITAS_DIR / "mobilenet_style.qonnx.onnx"
+    result = qlower.convert(path, profile="openvino")
+    (trunc,) = [r for r in result.report.quantizers if r.op == "Trunc"]
+    assert trunc.lowered_by == "trunc_unit_ratio_qdq"
+    assert exact_at_disable_all(result)
+    portable = qlower.convert(path, verify_result=False)
+    assert next(r for r in portable.report.quantizers if r.op == "Trunc").lowered_by == "trunc_float_ops"
+
+
+def test_without_the_pool_guard_openvino_rounds_the_mean(tmp_path: Path) -> None:
+    # The same model in the portable layout: OpenVINO runs the AveragePool on uint8 and the
+    # Trunc after it is off by one step on a large share of elements.
+    path = BREVITAS_DIR / "trunc_avgpool.qonnx.onnx"
+    model = qlower.convert(path, verify_result=False).model
+    trunc_output = next(n.output[0] for n in model.graph.node if n.op_type == "Mul" and "trunc_quant" in n.name)
+    model.graph.output.insert(0, onnx.helper.make_tensor_value_info(trunc_output, onnx.TensorProto.FLOAT, None))
+    feeds = make_inputs(model, 2, 0)
+    expected, got = _ort_disable_all(model, feeds), _openvino(model, feeds, tmp_path / "model.onnx")
+    moved = np.concatenate([(g[trunc_output] != e[trunc_output]).ravel() for g, e in zip(got, expected)])
+    assert moved.mean() > 0.1

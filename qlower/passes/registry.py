@@ -12,17 +12,21 @@ from .base import GraphPass, QuantizerPass
 from .bias_accumulator_grid import BiasAccumulatorGrid
 from .bipolar_activation import BipolarActivation
 from .fold_constant_float import FoldConstantToFloat
+from .float_average_pool import FloatAveragePool
 from .fold_constant_quantizer import FoldConstantQuantizer
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
 from .rounded_outputs import RoundedOutputsAsIntegers
+from .reciprocal_scales import ReportReciprocalScales
 from .trunc import TruncToFloatOps
+from .trunc_qdq import TruncUnitRatioQDQ
 
 _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
     FoldConstantQuantizer(),
     ActivationQCDQ(),
     BipolarActivation(),
+    TruncUnitRatioQDQ(),
     TruncToFloatOps(),
     QuantFloatPath(),
     FoldConstantToFloat(),
@@ -31,7 +35,9 @@ _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
 _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
     # A bias on its own grid (QKeras) is exact in QCDQ but ONNX Runtime's QGemm/QLinearConv
     # fusion assumes the s_x*s_w grid and silently misreads it, so qcdq moves it too.
-    "qcdq": (BiasAccumulatorGrid(),),
+    # A profile may keep average pools on dequantized integers in float (openvino); the
+    # profile's runtime-specific report (ties a reciprocal multiply may flip) comes last.
+    "qcdq": (BiasAccumulatorGrid(), FloatAveragePool(), ReportReciprocalScales()),
     # Biases onto the accumulator grid (exact), float-path quantizer outputs that feed a unit
     # as integers (exact), then the compute units (exact requantization).
     "qop": (BiasAccumulatorGrid(), RoundedOutputsAsIntegers(), QLinearConvPass(), QLinearMatMulPass()),
