@@ -17,8 +17,8 @@ from .fold_constant_quantizer import FoldConstantQuantizer
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
-from .rounded_outputs import RoundedOutputsAsIntegers
 from .reciprocal_scales import ReportReciprocalScales
+from .rounded_outputs import RoundedOutputsAsIntegers
 from .trunc import TruncToFloatOps
 from .trunc_qdq import TruncUnitRatioQDQ
 
