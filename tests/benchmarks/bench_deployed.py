@@ -9,8 +9,9 @@ For each model in ``tests/fixtures/brevitas/real`` (see ``generate_real.py`` the
   by giving up the QAT model;
 * ``Brevitas QCDQ``: Brevitas's ``export_onnx_qcdq`` output, the baseline of every ratio;
 * ``qonnx QCDQ``: qonnx's ``QuantToQCDQ`` on the QONNX export;
-* ``qlower qcdq/<profile>`` for every QCDQ profile ``qlower.profiles`` defines, and
-  ``qlower qop``, each verified on the fixture input (an unverified result is marked ``!``)
+* ``qlower qcdq/<profile>`` for every QCDQ profile ``qlower.profiles`` defines,
+  ``qlower qop``, and ``qlower qop`` of Brevitas's QCDQ export (QCDQ input), each verified
+  on the fixture input (an unverified result is marked ``!``)
 
 and reports, interleaved in the same rounds so that load on the machine hits every
 variant alike:
@@ -56,6 +57,7 @@ from qlower.reference import ReferenceExecutor
 ROOT = Path(__file__).resolve().parents[2]
 REAL_DIR = ROOT / "tests" / "fixtures" / "brevitas" / "real"
 BASELINE = "Brevitas QCDQ"
+QCDQ_TO_QOP = "qlower qop of Brevitas QCDQ"
 # ORT's integer compute kernels, and the float ones the same units become otherwise
 # (FusedConv etc. are ORT's Conv+activation fusions, NHWC forms from its layout pass).
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm"}
@@ -120,7 +122,7 @@ def kernel_counts(path: Path, work: Path) -> tuple[int, int]:
 def short_error(exc: Exception) -> str:
     """The informative line of an exception (OpenVINO's first lines only name source files)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = [line for line in lines if line.startswith(("--", "While validating", "The "))]
+    detail = [line.split(" with a message:")[0] for line in lines if line.startswith(("-- ", "The "))]
     return f"{type(exc).__name__}: {' '.join(detail or lines[:1])[:200]}"
 
 
@@ -220,6 +222,11 @@ def build_variants(entry: dict[str, Any], work: Path) -> list[Variant]:
         attempt(label, path, lambda: qlower_variant(label, source, feeds, path, **options))
     path = work / f"{name}.qop.onnx"
     attempt("qlower qop", path, lambda: qlower_variant("qlower qop", source, feeds, path, to="qop"))
+    if entry.get("qcdq"):  # QCDQ input: Brevitas's own export turned into QOps
+        qcdq_source = onnx.load(str(REAL_DIR / entry["qcdq"]))
+        qcdq_feeds = {data_input_name(qcdq_source): feeds[data_input_name(source)]}
+        path = work / f"{name}.qcdq_to_qop.onnx"
+        attempt(QCDQ_TO_QOP, path, lambda: qlower_variant(QCDQ_TO_QOP, qcdq_source, qcdq_feeds, path, to="qop"))
     return variants
 
 
@@ -246,7 +253,6 @@ def openvino_runners(variant: Variant, x: np.ndarray) -> dict[str, Callable[[], 
             variant.ov_ms[hint] = []
             variant.ov_diff[hint] = float("nan")
             variant.ov_error = short_error(exc)
-            print(f"  OpenVINO ({hint}) cannot run {variant.label}: {variant.ov_error}", file=sys.stderr)
             continue
         runners[hint] = (lambda r=request: r.infer({0: x}, share_inputs=True))
     return runners
@@ -353,9 +359,14 @@ def report(results: list[tuple[dict[str, Any], list[Variant]]]) -> None:
                 diffs = [v.ort_fast_diff] + [v.ov_diff.get(h) for h in ("default", "f32")]
                 shown = ["-" if d is None or d != d else f"{d:.3g}" for d in diffs]
                 print(f"| {entry['name']} | {v.label} | " + " | ".join(ms + shown) + " |")
-        failures = sorted({v.ov_error for _, variants in results for v in variants if v.ov_error})
-        for failure in failures:
-            print(f"\nOpenVINO fails: {failure}")
+        failures: dict[str, list[str]] = {}
+        for entry, variants in results:
+            for v in variants:
+                if v.ov_error:
+                    failures.setdefault(v.label, []).append(entry["name"])
+        for label, models in failures.items():
+            example = next(v.ov_error for _, variants in results for v in variants if v.label == label and v.ov_error)
+            print(f"\nOpenVINO cannot load {label} ({', '.join(models)}), e.g.: {example}")
 
     print("\n## QCDQ producers on the same models: conversion time, QONNX nodes left, and the output "
           "difference from the QONNX reference at ORT_DISABLE_ALL on the fixture input\n")
