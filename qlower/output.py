@@ -93,7 +93,8 @@ def default_name(source_name: str, target: str) -> str:
 
 
 def resolve(path: str | os.PathLike[str], protect: Sequence[str | os.PathLike[str]] = ()) -> Destination:
-    """Decide how ``path`` is written; refuse the input model (``protect``) under any name."""
+    """Decide how ``path`` is written; refuse a ``protect``ed file (the input model, the model
+    beside its report) under any name: the same inode, or for one not written yet the same path."""
     requested = os.fspath(path)
     if requested == STDOUT:
         return Destination(requested, "stdout")
@@ -103,15 +104,16 @@ def resolve(path: str | os.PathLike[str], protect: Sequence[str | os.PathLike[st
         found = None
     except OSError as exc:
         raise OutputError(f"{requested}: cannot write here ({_reason(exc)})") from None
-    if found is None:
-        return Destination(requested, "create", Path(os.path.realpath(requested)))
     for guarded in protect:
         try:
             other = os.stat(guarded)
-        except OSError:
-            continue
-        if (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino):
-            raise OutputError(f"{requested}: is the input model {os.fspath(guarded)} (the same file); writing would overwrite it")
+            same = found is not None and (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino)
+        except OSError:  # not written yet (the model, when this is its report): compare the paths
+            same = os.path.realpath(guarded) == os.path.realpath(requested)
+        if same:
+            raise OutputError(f"{requested}: is the same file as {os.fspath(guarded)}; writing would overwrite it")
+    if found is None:
+        return Destination(requested, "create", Path(os.path.realpath(requested)))
     if stat.S_ISDIR(found.st_mode):
         raise OutputError(f"{requested}: is a directory; give a file name")
     if stat.S_ISREG(found.st_mode):

@@ -509,6 +509,13 @@ def test_output_is_the_input_row(alias: str, model_file: Path, tmp_path: Path) -
     assert model_file.read_bytes() == original
 
 
+def test_report_on_the_model_it_reports_is_refused(model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out.onnx"
+    assert_refused(cli("convert", str(model_file), "-o", str(out), "--report", str(tmp_path / "new" / ".." / "new" / "out.onnx")),
+                   "overwrite")
+    assert not (tmp_path / "new").exists()
+
+
 def test_api_failure_mid_write_keeps_previous_output(model_file: Path, previous: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     real_fsync = os.fsync
