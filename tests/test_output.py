@@ -430,6 +430,11 @@ def test_stdout_row(model_file: Path, tmp_path: Path) -> None:
     assert_refused(cli("convert", str(model_file), "-o", "-", "--report", "-"), "both")
 
 
+def test_api_stdout(model_file: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    result = qlower.convert(model_file, output_path="-", verify_result=False)
+    assert capsysbinary.readouterr().out == result.model.SerializeToString() and result.report.output_path == "-"
+
+
 def test_stdout_closed_by_the_reader(model_file: Path) -> None:
     """`| true` exits before qlower writes: a broken pipe is exit 2 and one line, no traceback."""
     proc = subprocess.run(f"{sys.executable} -m qlower convert {model_file} -o - --no-verify -q | true; exit ${{PIPESTATUS[0]}}",
@@ -473,6 +478,9 @@ def test_mode_rows(model_file: Path, tmp_path: Path) -> None:
     with umask(0o022):
         qlower.convert(model_file, output_path=tmp_path / "api.onnx", verify_result=False)
     assert stat.S_IMODE((tmp_path / "api.onnx").stat().st_mode) == 0o644
+    kept.write_bytes(SENTINEL)
+    qlower.convert(model_file, output_path=kept, verify_result=False)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and onnx.load(str(kept)).graph.node
 
 
 def test_directory_row(model_file: Path, tmp_path: Path) -> None:
