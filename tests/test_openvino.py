@@ -11,6 +11,7 @@ import pytest
 
 import qlower
 from helpers import make_quant_model, make_signed_4bit_conv_net
+from paths import BREVITAS_DIR
 from qlower.errors import UnsupportedError
 from qlower.verification import runners, verify
 
@@ -32,6 +33,17 @@ def test_the_portable_layout_of_a_signed_4bit_conv_net_fails_on_openvino(tmp_pat
     assert proc.returncode == 1, proc.stderr
     assert f"at {runners.OPENVINO_F32}" in proc.stderr and "first divergence" in proc.stderr
     assert "verification on openvino" in proc.stdout
+
+
+def test_the_portable_layout_of_the_signed_4bit_deployment_net_fails_on_openvino() -> None:
+    fixture = BREVITAS_DIR / "real" / "deploy_w4a4_signed.qonnx.onnx"
+    lowered = qlower.convert(fixture, verify_result=False).model
+    report = verify(fixture, lowered, runtime="openvino", batches=2)
+    assert not report.passed and f"at {runners.OPENVINO_F32}: " in report.failures[0]
+    divergence = report.first_divergence
+    assert divergence is not None and divergence.level == runners.OPENVINO_F32
+    # Where it began: ties of the input quantizer (a step that is not a power of two).
+    assert divergence.first_difference is not None and "layers.0/act_quant" in divergence.first_difference
 
 
 def test_an_exact_lowering_passes_on_openvino_with_its_settings_reported() -> None:

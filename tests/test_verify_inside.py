@@ -168,3 +168,46 @@ def test_the_reference_returns_kept_internal_tensors() -> None:
     results = reference.run({"x": x}, keep=["Quant_a_out", "not_a_tensor"])
     assert set(results) == {"y", "Quant_a_out"}
     np.testing.assert_array_equal(results["Quant_a_out"], np.clip(np.round(x / 0.5), -128, 127) * 0.5)
+
+
+def _chain(lowered: bool, shift_a: int = 0, shift_b: int = 0) -> onnx.ModelProto:
+    """``Quant_a(0.5) -> Mul 4 -> Quant_b(1) -> Mul 0.25 -> Quant_c(1)``; lowered as QCDQ whose
+    DequantizeLinear zero points move ``a`` and ``b`` by ``shift_*`` steps (4 x a step of a is
+    2 steps of b; 0.25 x 2 steps of b is half a step of c)."""
+    inits = {"sa": 0.5, "sb": 1.0, "sc": 1.0, "four": 4.0, "quarter": 0.25, "zero": 0.0, "eight": 8.0}
+    tensors = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in inits.items()]
+    nodes = []
+    source = "x"
+    for stage, (scale, after, shift) in enumerate([("sa", "four", shift_a), ("sb", "quarter", shift_b), ("sc", None, 0)]):
+        name = "abc"[stage]
+        out = "y" if after is None else f"Quant_{name}_out"
+        if lowered:
+            tensors.append(numpy_helper.from_array(np.array(0, np.int8), f"zq_{name}"))
+            tensors.append(numpy_helper.from_array(np.array(shift, np.int8), f"zd_{name}"))
+            nodes += [
+                helper.make_node("QuantizeLinear", [source, scale, f"zq_{name}"], [f"{name}_int"]),
+                helper.make_node("DequantizeLinear", [f"{name}_int", scale, f"zd_{name}"], [out]),
+            ]
+        else:
+            nodes.append(helper.make_node("Quant", [source, scale, "zero", "eight"], [out], name=f"Quant_{name}", domain=QONNX_DOMAIN, signed=1))
+        if after is not None:
+            nodes.append(helper.make_node("Mul", [out, after], [f"m_{name}"]))
+            source = f"m_{name}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], tensors
+    )
+    imports = [helper.make_opsetid("", 13)] + ([] if lowered else [helper.make_opsetid(QONNX_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 8
+    return model
+
+
+def test_a_difference_grown_from_one_upstream_passes_and_one_born_in_place_fails() -> None:
+    x = [{"x": np.linspace(-3, 3, 16, dtype=np.float32).reshape(1, 16)}]
+    grown = verify(_chain(False), _chain(True, shift_a=1), target="qop", inputs=x)
+    assert grown.passed, grown.failures
+    b = next(record for record in grown.internal if record.tensor == "Quant_b_out" and record.level == UNOPTIMIZED)
+    assert b.max_lsb_diff == 2 and b.passed and "grown from 'Quant_a'" in (b.note or "")
+    born = verify(_chain(False), _chain(True, shift_b=2), target="qop", inputs=x)
+    assert born.failures[0].startswith(f"internal tensor 'Quant_b_out' (quantizer 'Quant_b') at {UNOPTIMIZED}: ")
+    assert born.first_divergence is not None and born.first_divergence.node == "Quant_b"

@@ -106,7 +106,8 @@ class Divergence:
 
     ``node`` is the original node writing it (a quantizer for an internal tap);
     ``suspects`` are nodes of the lowered model between the last tensors that still
-    matched and this one, where the difference arose.
+    matched and this one, where the difference arose; ``first_difference`` names an
+    earlier tap that differs within the tolerance (where a difference that grew began).
     """
 
     level: str
@@ -114,11 +115,14 @@ class Divergence:
     tensor: str
     amount: str
     suspects: list[str] = field(default_factory=list)
+    first_difference: str | None = None
 
     def line(self) -> str:
         text = f"first divergence at {self.level}: node {self.node!r} (tensor {self.tensor!r}): {self.amount}"
         if self.suspects:
             text += f"; lowered nodes since the last matching tensors: {', '.join(self.suspects)}"
+        if self.first_difference:
+            text += f"; the first difference: {self.first_difference}"
         return text
 
     def to_dict(self) -> dict[str, object]:

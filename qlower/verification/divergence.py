@@ -65,4 +65,11 @@ def first_divergence(
         return None
     rank, node, tensor, amount, lowered_tensor = min(candidates, key=lambda item: item[0])
     matched = {name for _, r in taps if r.passed for name in (r.lowered_tensor, r.tensor)}
-    return Divergence(level, node, tensor, amount, suspects(lowered, lowered_tensor, matched))
+    # A difference within the tolerance further up often is where it started (a tie gone
+    # the other way that later layers grow): name the earliest one too.
+    earlier = [(r_rank, r) for r_rank, r in taps if r.passed and r.differing and r_rank < rank]
+    first_difference = None
+    if earlier:
+        first = min(earlier, key=lambda item: item[0])[1]
+        first_difference = f"node {first.node!r}: {first.amount()}, within the tolerance"
+    return Divergence(level, node, tensor, amount, suspects(lowered, lowered_tensor, matched), first_difference)
