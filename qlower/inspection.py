@@ -11,7 +11,9 @@ quantizers feeding its activation and weight inputs. The formulas are those of q
 Conv ``N * C_out/group * C_in * prod(kernel) * prod(output spatial)``, MatMul/Gemm
 ``K * prod(output)``. A bit width is followed back through ops that only move values
 (Reshape, Transpose, MaxPool, ... as qonnx's datatype inference does); anything else
-(Relu, Add, a float input) is "float". Symbolic dimensions count as 1.
+(Relu, Add, a float input) is "float". In a QCDQ input (no QONNX quantizers) a
+DequantizeLinear gives the width of its integer range: the integer Clip in front of it, or
+its container. Symbolic dimensions count as 1.
 
 Which units run as integer kernels is given two ways, each saying where it comes from:
 ``units[*].lowerings[target]`` from the qop passes' unit records (what qlower fused), and
@@ -30,6 +32,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from . import ir
 from .errors import UnsupportedError
@@ -167,9 +170,13 @@ class _LoweredGraph:
         self.nodes = [node for node in graph.node]
         self.producer = {out: node for node in graph.node for out in node.output}
         self.initializers = {init.name: tuple(init.dims) for init in graph.initializer}
+        self.values = {init.name: init for init in graph.initializer}
+        self.elem_types = {init.name: init.data_type for init in graph.initializer}
         self.shapes: dict[str, tuple[int, ...]] = dict(self.initializers)
         for value in [*graph.input, *graph.value_info, *graph.output]:
             tensor_type = value.type.tensor_type
+            if value.type.HasField("tensor_type"):
+                self.elem_types[value.name] = tensor_type.elem_type
             if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
                 dims = tensor_type.shape.dim
                 self.shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
@@ -182,10 +189,27 @@ class _LoweredGraph:
         """The bit width of the quantizer whose values ``tensor`` holds, or None (float)."""
         while tensor not in self.bits_of_tensor:
             node = self.producer.get(tensor)
+            if node is not None and node.op_type == "DequantizeLinear":
+                return self._dequantized_bits(node.input[0])
             if node is None or node.op_type not in VALUE_MOVING_OPS or not node.input:
                 return None
             tensor = node.input[0]
         return self.bits_of_tensor[tensor]
+
+    def _dequantized_bits(self, integers: str) -> float | None:
+        """A DequantizeLinear of a QCDQ input: the width of its integer range.
+
+        That is the range of the integer Clip in front of it (Brevitas marks sub-8-bit
+        ranges so), else its container (int8 -> 8).
+        """
+        clip = self.producer.get(integers)
+        if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and all(n in self.values for n in clip.input[1:]):
+            low, high = (float(numpy_helper.to_array(self.values[n])) for n in clip.input[1:])
+            return float(max(1, int(np.ceil(np.log2(high - low + 1)))))
+        container = self.elem_types.get(integers)
+        if container in (None, onnx.TensorProto.UNDEFINED):
+            return None
+        return float(8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(container)).itemsize)
 
     def is_constant(self, tensor: str) -> bool:
         """Whether ``tensor`` is computed from an initializer alone (a weight, folded or not)."""

@@ -102,3 +102,11 @@ def test_onnxruntime_quantizer_qdq_output_lowers_to_qop(tmp_path: Path, per_chan
     ops = _ops(result.model)
     assert ops["QLinearConv"] == 2 and ops["Conv"] == 0
     assert ops["MatMulInteger"] + ops["QLinearMatMul"] == 1 and ops["Gemm"] == 0
+
+
+def test_inspect_reads_bit_widths_from_qcdq_as_from_qonnx() -> None:
+    qonnx_cost = qlower.inspect(REAL / "deploy_w4a4_signed.qonnx.onnx").summary()["cost"]
+    qcdq_cost = qlower.inspect(REAL / "deploy_w4a4_signed.qcdq.onnx").summary()["cost"]
+    assert qcdq_cost == qonnx_cost == [
+        {"activation_bits": 4.0, "weight_bits": 4.0, "units": 7, "macs": 17420288, "weight_params": 287840}
+    ]
