@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper, version_converter
 
 from .errors import InvalidModelError, ModelLoadError, UnsupportedError
+from .links import replace_input
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_DOMAINS = frozenset({QONNX_DOMAIN, "onnx.brevitas", "finn.custom_op.general", "finn"})
@@ -260,10 +261,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     """Point every consumer of ``old`` (and the graph outputs) at ``new``."""
-    for consumer in list(old.outputs):
+    for consumer in {id(node): node for node in old.outputs}.values():
         for index, tensor in enumerate(consumer.inputs):
             if tensor is old:
-                consumer.inputs[index] = new
+                replace_input(consumer, index, new)
     graph.outputs = [new if tensor is old else tensor for tensor in graph.outputs]
 
 

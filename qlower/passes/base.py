@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
+from ..links import detach, relink_constants
 from ..profiles import PORTABLE, Profile
 from ..taps import Tap
 
@@ -96,6 +97,7 @@ def run_pass(
 ) -> list[Quantizer]:
     """Apply ``rule`` to every pending quantizer it matches; return those still pending."""
     still_pending = []
+    lowered = 0
     for q in pending:
         if not rule.applies_to(q):
             still_pending.append(q)
@@ -109,8 +111,10 @@ def run_pass(
         record.emitted = rule.rewrite(q, ctx)
         record.lowered_by = rule.name
         record.float_path = rule.uses_float_path
-        q.node.outputs.clear()
-        q.node.inputs.clear()
+        detach(q.node)
+        lowered += 1
+    if lowered:
+        relink_constants(ctx.graph)  # detach leaves constants' consumer lists to this one sweep
     return still_pending
 
 
@@ -138,6 +142,13 @@ class GraphPass(ABC):
     @abstractmethod
     def run(self, ctx: LoweringContext) -> list[UnitRecord]:
         """Rewrite every match in ``ctx.graph``; one record per match or near-match."""
+
+
+def run_graph_pass(rule: GraphPass, ctx: LoweringContext) -> list[UnitRecord]:
+    """Run ``rule`` over the graph, then make every constant's consumer list exact again."""
+    records = rule.run(ctx)
+    relink_constants(ctx.graph)
+    return records
 
 
 # ---- graph-building vocabulary shared by the passes ----------------------------------

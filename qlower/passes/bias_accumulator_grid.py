@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..links import replace_input
 from .base import GraphPass, LoweringContext, NodeEmitter, UnitRecord
 from .integer_paths import integer_path
 from .integer_units import (
@@ -87,12 +88,12 @@ class BiasAccumulatorGrid(GraphPass):
                 continue
             em = NodeEmitter(ctx.graph, f"{node.name}/bias")
             attrs = {} if accumulator_scale.ndim == 0 else {"axis": rescaled.ndim - 1}
-            consumer.inputs[index] = em.node(
+            replace_input(consumer, index, em.node(
                 "DequantizeLinear",
                 [em.constant("int32", rescaled), em.constant("scale", accumulator_scale),
                  em.constant("zero_point", np.zeros(accumulator_scale.shape, np.int32))],
                 attrs,
-            )
+            ))
             records.append(UnitRecord(node.name, node.op, self.name,
                                       f"bias moved to int32 at the accumulator scale s_x*s_w (exact, was scale {float(stored_scale.reshape(-1)[0]):g})"))
         return records

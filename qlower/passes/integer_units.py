@@ -17,6 +17,7 @@ from typing import ClassVar, Generic, Sequence, TypeVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..links import detach, replace_input
 from .base import INT32_MAX, INT32_MIN, GraphPass, LoweringContext, NodeEmitter, UnitRecord
 
 F32 = np.float32
@@ -69,14 +70,6 @@ def only_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
     if len(tensor.outputs) != 1 or any(out is tensor for out in graph.outputs):
         return None
     return tensor.outputs[0]
-
-
-def detach(*nodes: gs.Node | None) -> None:
-    """Disconnect replaced nodes; the pipeline's cleanup removes them."""
-    for node in nodes:
-        if node is not None:
-            node.inputs.clear()
-            node.outputs.clear()
 
 
 def is_constant(tensor: gs.Tensor) -> bool:
@@ -207,7 +200,8 @@ class Int8Region:
             for i in _int8_parameters(node):
                 values = np.asarray(node.inputs[i].values)
                 if values.dtype == np.int8:
-                    node.inputs[i] = gs.Constant(f"{node.name}/input{i}_uint8", np.asarray(values.astype(np.int16) + SHIFT, np.uint8))
+                    shifted = np.asarray(values.astype(np.int16) + SHIFT, np.uint8)
+                    replace_input(node, i, gs.Constant(f"{node.name}/input{i}_uint8", shifted))
         for tensor in self.tensors:
             tensor.dtype = np.uint8
 
@@ -457,7 +451,7 @@ def requantized_output(em: NodeEmitter, out: OutputQuantizer, relu: bool) -> tup
     low = scalar_constant(clip.inputs[1]) if clip is not None and clip.op == "Clip" and len(clip.inputs) > 1 else None
     if clip is not None and low is not None and low.dtype == zero_point.dtype:
         tightened = max(int(low), int(zero_point))
-        clip.inputs[1] = em.constant("relu_low", np.asarray(tightened, zero_point.dtype))
+        replace_input(clip, 1, em.constant("relu_low", np.asarray(tightened, zero_point.dtype)))
         return out.output, f"Relu folded into the range Clip (low {tightened})"
     raw = gs.Variable(f"{em.prefix}/requantized", dtype=zero_point.dtype)
     high = np.asarray(np.iinfo(zero_point.dtype).max, zero_point.dtype)
