@@ -41,6 +41,7 @@ matrix: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_convert.py
 	$(PY) tests/benchmarks/bench_deployed.py
+	$(PY) tests/benchmarks/bench_scale.py
 
 fuzz: $(STAMP)
 	QLOWER_FUZZ_EXAMPLES=$${QLOWER_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m slow tests/test_fuzz.py -p no:cacheprovider

@@ -26,6 +26,7 @@ from .errors import OutputError, QlowerError, VerificationError
 from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
 from .profiles import PROFILES
+from .progress import for_terminal as progress_display
 from .report_schema import qlower_version
 from .verification import RUNTIMES, VerificationReport, load_inputs_npz, verify
 
@@ -266,7 +267,8 @@ def _convert_and_report(
     protect = [str(model), target_path]
     try:
         feeds = load_inputs_npz(inputs, model) if inputs is not None else None
-        result = convert(model, to, output_path=target_path, inputs=feeds, **options)  # type: ignore[arg-type]
+        with progress_display(stderr, quiet) as progress:
+            result = convert(model, to, output_path=target_path, inputs=feeds, progress=progress, **options)  # type: ignore[arg-type]
     except VerificationError as exc:
         report = exc.report
         try:
@@ -350,10 +352,12 @@ def verify_command(
     with output.reserve_stdout() if console is stderr else contextlib.nullcontext():
         try:
             feeds = load_inputs_npz(inputs, original) if inputs is not None else None
-            report = verify(
-                ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
-                batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized, runtime=runtime,
-            )
+            with progress_display(stderr, quiet) as progress:
+                report = verify(
+                    ir.load_model(original), ir.load_model(lowered), target=to, inputs=feeds,
+                    batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized, runtime=runtime,
+                    progress=progress,
+                )
             _print_verification(report, quiet, console)
             if report_path is not None:
                 _write_json(report_path, report.to_dict(), protect)

@@ -76,9 +76,15 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, origin: str) -> 
         raise ModelLoadError(f"{origin}: cannot read external data ({exc})") from None
 
 
-def load_model(source: ModelSource) -> onnx.ModelProto:
-    """Read a model from a path, bytes or ModelProto; the caller's object is never modified."""
+def load_model(source: ModelSource, *, copy: bool = True) -> onnx.ModelProto:
+    """Read a model from a path, bytes or ModelProto; the caller's object is never modified.
+
+    ``copy`` False hands a ModelProto back as is, for callers that only read it (a model
+    with gigabytes of weights is then not held twice).
+    """
     if isinstance(source, onnx.ModelProto):
+        if not copy:
+            return source
         model = onnx.ModelProto()
         model.CopyFrom(source)
         return model
@@ -204,13 +210,17 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return upgraded
 
 
-def normalize(model: onnx.ModelProto, target_opset: int) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, target_opset: int, *, copy: bool = True) -> onnx.ModelProto:
     """Canonical QONNX domain, initializers out of graph.input, opset >= ``target_opset``.
 
-    Raises InvalidModelError / UnsupportedError with the node named. Works on a copy.
+    Raises InvalidModelError / UnsupportedError with the node named. Works on a copy
+    unless ``copy`` is False (the caller's own model is then normalized in place).
     """
-    normalized = onnx.ModelProto()
-    normalized.CopyFrom(model)
+    if copy:
+        normalized = onnx.ModelProto()
+        normalized.CopyFrom(model)
+    else:
+        normalized = model
     graph = normalized.graph
     known = onnx.defs.onnx_opset_version()
     current = default_opset(normalized)

@@ -6,6 +6,7 @@ target -> cleanup -> export and check -> verify -> save atomically -> report.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import onnx_graphsurgeon as gs
 from . import ir, output, taps
 from .analysis import analyse, describe
 from .collector import paused_cycle_collection
+from .links import remove_unused_nodes, share_equal_constants, toposort
+from .progress import Progress
 from .report_schema import header
 from .errors import InvalidModelError, UnsupportedError
 from .profiles import PORTABLE, Profile, get_profile
@@ -106,7 +109,9 @@ def _fold_constant_subgraphs(graph: gs.Graph) -> int:
     return before - len(graph.nodes)
 
 
-def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext) -> list[QuantizerRecord]:
+def _lower(
+    graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext, progress: Progress
+) -> list[QuantizerRecord]:
     table = analyse(graph)
     records = {q.name: QuantizerRecord(q.name, q.op, q.role, q.bit_width, details=describe(q)) for q in table}
     if len(records) != len(table):
@@ -114,8 +119,11 @@ def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext
         duplicate = next(name for name in names if names.count(name) > 1)
         raise InvalidModelError("two quantizer nodes share this name", duplicate)
     pending = table
+    progress.stage(f"lowering {len(pending):,} quantizers", total=len(pending))
     for rule in rules:
+        before = len(pending)
         pending = run_pass(rule, pending, ctx, records)
+        progress.advance(before - len(pending))
     if pending:
         q = pending[0]
         reasons = "; ".join(f"{name}: {reason}" for name, reason in records[q.name].skipped) or "no pass matches it"
@@ -124,7 +132,11 @@ def _lower(graph: gs.Graph, rules: Sequence[QuantizerPass], ctx: LoweringContext
 
 
 def _finish(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    share_equal_constants(graph)
+    if not remove_unused_nodes(graph):
+        graph.cleanup(remove_unused_graph_inputs=False)
+    if not toposort(graph):
+        graph.toposort()
     model = ir.to_model(graph, template)
     kept = [entry for entry in model.opset_import if entry.domain not in ir.QONNX_DOMAINS]
     del model.opset_import[:]
@@ -161,6 +173,7 @@ def convert(
     x86_without_vnni: bool = False,
     profile: str | Profile = "portable",
     runtime: str = "onnxruntime",
+    progress: Progress | None = None,
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
 
@@ -170,6 +183,7 @@ def convert(
 
     ``check_optimized`` False verifies at ``ORT_DISABLE_ALL`` only (for deployments that
     do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
+    ``progress`` receives the stages of a long run (the CLI draws them on stderr).
     ``x86_without_vnni`` (qop): keep integer weights exact on x86 CPUs without VNNI too
     (|k*w| <= 64, else uint8 weights for the slower u8u8 kernel), reported per unit.
     ``runtime`` is the runtime verification runs the lowered model on: "onnxruntime" or
@@ -193,25 +207,34 @@ def convert(
         output.check(output_path, protect=[source_path] if source_path else ())
     if verify_result:
         check_runtime(runtime)
+    progress = progress or Progress()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    progress.stage("loading")
     original = ir.load_model(source)
     input_opset = ir.default_opset(original)
     output_opset = max(ir.MIN_OUTPUT_OPSET, input_opset, opset or 0)
-    normalized = ir.normalize(original, output_opset)
+    normalized = ir.normalize(original, output_opset, copy=False)  # ``original`` is our own copy
+    del original
     graph = ir.to_graph(normalized)
     folded = _fold_constant_subgraphs(graph)
     seconds["load_normalize"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ctx = LoweringContext(graph=graph, opset=output_opset, target=to, x86_without_vnni=x86_without_vnni, profile=policy)
-    quantizer_records = _lower(graph, quantizer_passes_for(to), ctx)
+    quantizer_records = _lower(graph, quantizer_passes_for(to), ctx, progress)
+    progress.stage("fusing units and checking the result")
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in run_graph_pass(rule, ctx)]
     lowered = _finish(graph, normalized)
     # A model qlower already lowered keeps the taps it carries (converting again is a no-op).
     # One tap per original tensor (a unit records its input and its output, so neighbours repeat).
     taps.attach(lowered, list({tap.original: tap for tap in [*taps.read(normalized), *ctx.taps]}.values()))
     seconds["lower"] = time.perf_counter() - start
+    if verify_result:
+        # The graph (cyclic, so only the paused collector frees it) still holds every float
+        # weight the passes read: free it once before verification loads its own copies.
+        del graph, ctx
+        gc.collect()
 
     report = ConversionReport(
         to, input_opset, output_opset, quantizer_records, unit_records, folded, seconds=seconds,
@@ -219,12 +242,12 @@ def convert(
     )
     if verify_result:
         start = time.perf_counter()
-        # verify runs the reference on the original upgraded to the output opset; when convert
-        # upgraded it, hand over that upgrade instead of having verify convert it again.
-        reference_source = normalized if output_opset > input_opset else original
+        # verify runs the reference on the original upgraded to the output opset; hand over
+        # convert's normalized model (the same graph, upgraded when convert upgraded it)
+        # instead of having verify convert it again.
         report.verification = verify(
-            reference_source, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
-            check_optimized=check_optimized, runtime=runtime,
+            normalized, lowered, target=to, inputs=inputs, batches=batches, seed=seed, tolerance_lsb=tolerance_lsb,
+            check_optimized=check_optimized, runtime=runtime, progress=progress,
         )
         if report.verification.kernels is not None:
             report.verification.kernels.explain(unit_records)
@@ -235,5 +258,6 @@ def convert(
             exc.report = report  # the CLI still writes the report of a failed conversion
             raise
     if output_path is not None:
+        progress.stage("writing")
         report.output_path = output.write_model(lowered, output_path, protect=[source_path] if source_path else ())
     return ConversionResult(lowered, report)

@@ -16,6 +16,7 @@ would in the original model. Each group's session is built once, in ``__init__``
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 from dataclasses import dataclass
@@ -244,21 +245,32 @@ def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mappi
 # The whole model
 
 
-@dataclass(frozen=True)
+@dataclass
 class _QonnxStep:
     label: str
     op_type: str
     inputs: tuple[str, ...]
     output: str
     attrs: dict[str, object]
+    # A quantizer of constants (a weight or bias) gives the same value on every run: it is
+    # evaluated on the first run and kept, so each run costs one evaluation per activation.
+    constant: bool = False
+    value: np.ndarray | None = None
 
     def run(self, env: dict[str, np.ndarray]) -> None:
+        if self.value is not None:
+            env[self.output] = self.value
+            return
         try:
-            env[self.output] = evaluate_qonnx_node(self.op_type, [env[name] for name in self.inputs], self.attrs)
+            value = evaluate_qonnx_node(self.op_type, [env[name] for name in self.inputs], self.attrs)
         except QlowerError as exc:
             raise type(exc)(exc.reason, exc.node or self.label) from None
         except ValueError as exc:  # numpy: operands that do not broadcast
             raise InvalidQuantizerError(first_line(exc), self.label) from None
+        if self.constant:
+            value.flags.writeable = False  # shared by every run
+            self.value = value
+        env[self.output] = value
 
 
 @dataclass(frozen=True)
@@ -267,10 +279,12 @@ class _OrtStep:
     session: ort.InferenceSession
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    feed_names: tuple[str, ...]  # the names inputs and outputs have in the session's model
+    fetch_names: list[str]
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         try:
-            results = self.session.run(list(self.outputs), {name: env[name] for name in self.inputs})
+            results = self.session.run(self.fetch_names, {feed: env[name] for feed, name in zip(self.feed_names, self.inputs)})
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
             raise InvalidModelError(
                 f"ONNX Runtime failed on the original model's nodes {', '.join(self.labels[:3])}"
@@ -310,17 +324,34 @@ class ReferenceExecutor:
         if not any(entry.domain in ("", "ai.onnx") for entry in opsets):
             opsets.append(onnx.helper.make_opsetid("", default_opset(model)))
         self._steps: list[_QonnxStep | _OrtStep] = []
+        self._sessions: dict[bytes, ort.InferenceSession] = {}  # by the group model's digest
         for group in self._schedule(nodes):
             if isinstance(group, _QonnxStep):
                 value_types[group.output] = onnx.TensorProto.FLOAT
                 self._steps.append(group)
             else:
                 self._steps.append(self._build_group(group, nodes, consumers, value_types, opsets))
+        # Constants only quantizers of constants read (float weights) are not needed once
+        # those quantizers' values are kept: released after the first complete run.
+        constant_readers: dict[str, int] = {}
+        for step in self._steps:
+            if isinstance(step, _QonnxStep) and step.constant:
+                for name in set(step.inputs):
+                    constant_readers[name] = constant_readers.get(name, 0) + 1
+        self._releasable = tuple(
+            name for name, count in constant_readers.items()
+            if name in self._constants and name not in self._output_names and len(set(consumers.get(name, []))) == count
+        )
 
     @property
     def input_names(self) -> tuple[str, ...]:
         """The real graph inputs (initializers listed as inputs excluded), in graph order."""
         return self._input_names
+
+    @property
+    def session_count(self) -> int:
+        """ORT sessions the standard-node groups share (one per distinct group model)."""
+        return len(self._sessions)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -351,6 +382,9 @@ class ReferenceExecutor:
             step.run(env)
             if perturb and isinstance(step, _QonnxStep) and step.output in perturb:
                 env[step.output] = perturb[step.output](env[step.output])
+        for name in self._releasable:
+            del self._constants[name]
+        self._releasable = ()
         results = {name: np.array(env[name]) for name in self._output_names}
         results.update({name: np.array(env[name]) for name in keep if name in env and name not in results})
         return results
@@ -422,7 +456,10 @@ class ReferenceExecutor:
                 index = heapq.heappop(ready_qonnx)
                 node = nodes[index]
                 attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-                plan.append(_QonnxStep(node_label(node, index), node.op_type, tuple(node.input), node.output[0], attrs))
+                constant = all(name in self._constants for name in node.input if name)
+                plan.append(
+                    _QonnxStep(node_label(node, index), node.op_type, tuple(node.input), node.output[0], attrs, constant)
+                )
                 produce(index)
                 scheduled += 1
             group: list[int] = []
@@ -472,25 +509,50 @@ class ReferenceExecutor:
             for out in nodes[i].output
             if out and (out in graph_outputs or any(c not in members for c in consumers.get(out, [])))
         ]
+        # Tensors are renamed by position (inputs, initializers, then node outputs) and nodes
+        # lose their names, so groups that differ only in names (every block of a deep
+        # network whose weights are quantized at run time) share one ORT session: the
+        # same model bytes are the same kernels, so sharing changes no result.
+        canonical: dict[str, str] = {"": ""}
+        for name in [*inputs, *constants, *(out for i in group for out in nodes[i].output)]:
+            canonical.setdefault(name, f"t{len(canonical) - 1}")
+        renamed = []
+        for i in group:
+            node = onnx.NodeProto()
+            node.CopyFrom(nodes[i])
+            node.name = ""
+            node.input[:] = [canonical[name] for name in node.input]
+            node.output[:] = [canonical[name] for name in node.output]
+            renamed.append(node)
         graph = onnx.helper.make_graph(
-            [nodes[i] for i in group],
+            renamed,
             "qlower_reference_group",
-            [onnx.helper.make_tensor_value_info(name, value_types[name], None) for name in inputs],
-            [onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
-            initializer=[numpy_helper.from_array(self._constants[name], name) for name in constants],
+            [onnx.helper.make_tensor_value_info(canonical[name], value_types[name], None) for name in inputs],
+            [onnx.helper.make_empty_tensor_value_info(canonical[name]) for name in outputs],
+            initializer=[numpy_helper.from_array(self._constants[name], canonical[name]) for name in constants],
         )
         model = onnx.helper.make_model(graph, opset_imports=opsets)
         model.ir_version = max(4, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
         labels = tuple(node_label(nodes[i], i) for i in group)
-        try:
-            session = make_session(model, optimized=False)
-        except Exception as exc:  # ORT raises its own exception types
-            raise InvalidModelError(
-                f"ONNX Runtime cannot run the original model's nodes {', '.join(labels[:3])}"
-                f"{', ...' if len(labels) > 3 else ''}: {first_line(exc)}"
-            ) from None
-        for meta in session.get_outputs():
-            if meta.type not in _ORT_TYPES:
-                raise UnsupportedError(f"output {meta.name!r} has non-tensor type {meta.type}")
-            value_types[meta.name] = _ORT_TYPES[meta.type]
-        return _OrtStep(labels, session, tuple(inputs), tuple(outputs))
+        data = model.SerializeToString()
+        key = hashlib.sha256(data).digest()
+        session = self._sessions.get(key)
+        if session is None:
+            try:
+                session = make_session(data, optimized=False)
+            except Exception as exc:  # ORT raises its own exception types
+                raise InvalidModelError(
+                    f"ONNX Runtime cannot run the original model's nodes {', '.join(labels[:3])}"
+                    f"{', ...' if len(labels) > 3 else ''}: {first_line(exc)}"
+                ) from None
+            self._sessions[key] = session
+        output_types = {meta.name: meta.type for meta in session.get_outputs()}
+        for name in outputs:
+            kind = output_types[canonical[name]]
+            if kind not in _ORT_TYPES:
+                raise UnsupportedError(f"output {name!r} has non-tensor type {kind}")
+            value_types[name] = _ORT_TYPES[kind]
+        return _OrtStep(
+            labels, session, tuple(inputs), tuple(outputs),
+            tuple(canonical[name] for name in inputs), [canonical[name] for name in outputs],
+        )

@@ -20,8 +20,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx
 
+from ..collector import paused_cycle_collection
 from ..errors import UnsupportedError
 from ..ir import ModelSource, default_opset, load_model, normalize
+from ..progress import Progress
 from ..reference import ReferenceExecutor, first_line, node_label
 from .compare import (
     Advisory,
@@ -91,6 +93,7 @@ def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_
     return _Opened(runner, deployed, tapped, points)
 
 
+@paused_cycle_collection
 def verify(
     original: ModelSource,
     lowered: ModelSource,
@@ -103,6 +106,7 @@ def verify(
     check_optimized: bool = True,
     reference_opset: int | None = None,
     runtime: str = "onnxruntime",
+    progress: Progress | None = None,
 ) -> VerificationReport:
     """Compare ``lowered``, run on ``runtime``, with the QONNX reference running ``original``.
 
@@ -119,8 +123,11 @@ def verify(
     if target not in TARGETS:
         raise UnsupportedError(f"unknown verification target {target!r}; choose one of {', '.join(TARGETS)}")
     runners = runners_for(runtime, check_optimized)
-    original_model = load_model(original)
-    lowered_model = load_model(lowered)
+    progress = progress or Progress()
+    progress.stage("preparing verification")
+    # verify only reads the models: a ModelProto handed in is not copied (weights held once)
+    original_model = load_model(original, copy=False)
+    lowered_model = load_model(lowered, copy=False)
     wanted_opset = default_opset(lowered_model) if reference_opset is None else reference_opset
     if wanted_opset > default_opset(original_model):
         reference = ReferenceExecutor(normalize(original_model, wanted_opset))
@@ -168,6 +175,7 @@ def verify(
     # The probe (extra reference runs) only matters where a tolerance applies.
     probing = any(unit.kind == "probe" for unit in units.values()) and not all(exact.values())
     kept = [point.original for point in points]
+    progress.stage(f"verifying on {len(feeds_list)} batches", total=len(feeds_list))
     for number, feeds in enumerate(feeds_list):
         expected = reference.run(feeds, keep=kept)
         steps: dict[str, np.ndarray | None] = {}
@@ -193,6 +201,7 @@ def verify(
                 if value is not None:
                     step = point.unit.step(value.astype(np.float64))  # type: ignore[misc]
                     tallies[(point.original, level)].add(value, point.lowered_value(raw), step, True)
+        progress.advance()
 
     for run in opened:
         _conclude(report, run, compared, units, tallies, exact[run.runner.level], ranks, index, lowered_model)

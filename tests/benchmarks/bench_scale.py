@@ -1,0 +1,150 @@
+"""Benchmark: compile and verification time against model size (issue 9).
+
+Generates, in a temporary folder deleted afterwards, chains of 1k, 10k and 100k nodes whose
+quantizers share one scale, zero-point and bit-width initializer (``synthetic.shared_chain``)
+and, unless ``--no-large`` is given, a model with more than 2 GB of float weights in external
+data. For each it prints, measured in a fresh subprocess each (so peak memory is that step's
+own: ``os.wait4`` resource usage of the child):
+
+* onnx load + save (the floor), and the bare onnx-graphsurgeon import + cleanup + toposort +
+  export + save of the same file (what any graph-surgeon based tool pays);
+* ``qlower.convert(..., verify_result=False)`` writing the output, its ratio to the bare
+  round trip, and its time per node;
+* ``qlower.verify`` of that output (16 batches, both ORT levels), and its ratio to convert;
+* each step's peak resident memory.
+
+Times are wall seconds of the work inside the child (interpreter start and imports excluded).
+Run with ``make bench`` (with the other benchmarks) or ``python tests/benchmarks/bench_scale.py``;
+``--sizes 1000,10000`` picks sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIZES = (1_000, 10_000, 100_000)
+LARGE_WEIGHT_BYTES = 2**31 + 2**27  # past protobuf's 2 GB limit
+
+_CHILD = r"""
+import json, sys, time
+step, source, target = sys.argv[1:4]
+import onnx
+if step == "load_save":
+    start = time.perf_counter()
+    model = onnx.load(source)
+    onnx.save(model, target)
+elif step == "graphsurgeon":
+    import onnx_graphsurgeon as gs
+    start = time.perf_counter()
+    graph = gs.import_onnx(onnx.load(source))
+    graph.cleanup().toposort()
+    onnx.save(gs.export_onnx(graph), target)
+elif step == "convert":
+    import qlower
+    start = time.perf_counter()
+    qlower.convert(source, to="qcdq", verify_result=False, output_path=target)
+elif step == "verify":
+    import qlower
+    start = time.perf_counter()
+    report = qlower.verify(source, target)
+    assert report.passed, report.failures
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def measure(step: str, source: Path, target: Path) -> dict[str, float] | str:
+    """Run one step in a child; its seconds and peak RSS in MB, or the reason it failed."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", _CHILD, step, str(source), str(target)], stdout=stdout, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own resource usage
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if process.returncode != 0:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        return f"failed: {lines[-1][:100] if lines else process.returncode}"
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def _cell(result: dict[str, float] | str, key: str = "seconds", fmt: str = "{:.2f}") -> str:
+    return result if isinstance(result, str) else fmt.format(result[key])
+
+
+def _ratio(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
+    if isinstance(a, str) or isinstance(b, str) or b["seconds"] == 0:
+        return "-"
+    return f"{a['seconds'] / b['seconds']:.2f}x"
+
+
+def run_size(label: str, nodes: int, path: Path, weight_bytes: int | None = None) -> dict[str, object]:
+    out = path.with_name(path.stem + ".qcdq.onnx")
+    results = {step: measure(step, path, path.with_name(f"{path.stem}.{step}.onnx")) for step in ("load_save", "graphsurgeon")}
+    results["convert"] = measure("convert", path, out)
+    results["verify"] = measure("verify", path, out) if not isinstance(results["convert"], str) else "skipped"
+    convert = results["convert"]
+    per_node = "-" if isinstance(convert, str) else f"{convert['seconds'] / nodes * 1e6:.0f}"
+    print(
+        f"{label:>10} {_cell(results['load_save']):>9} {_cell(results['graphsurgeon']):>9} {_cell(convert):>9} "
+        f"{_ratio(convert, results['graphsurgeon']):>8} {per_node:>8} {_cell(results['verify']):>9} "
+        f"{_ratio(results['verify'], convert):>8}  "
+        + " / ".join(_cell(results[s], "peak_mb", "{:.0f}") for s in ("load_save", "graphsurgeon", "convert", "verify"))
+        + (f"  (weights {weight_bytes / 2**20:.0f} MB)" if weight_bytes else "")
+    )
+    sys.stdout.flush()
+    for produced in path.parent.glob(f"{path.stem}.*"):
+        produced.unlink()
+    return {"nodes": nodes, **results, "per_node_us": per_node}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(str(size) for size in SIZES))
+    parser.add_argument("--no-large", action="store_true", help="skip the >2 GB external-data model")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    import synthetic
+
+    print("qlower compile speed: shared-parameter chains (Quant -> MatMul(Quant(w 16x16)) -> Relu), seconds")
+    print(f"{'nodes':>10} {'load+save':>9} {'gs trip':>9} {'convert':>9} {'/gs':>8} {'us/node':>8} {'verify':>9} "
+          f"{'/convert':>8}  peak MB load+save / gs / convert / verify")
+    folder = Path(tempfile.mkdtemp(prefix="qlower-bench-"))
+    try:
+        for size in (int(text) for text in args.sizes.split(",") if text):
+            path = folder / f"chain_{size}.onnx"
+            model = synthetic.shared_chain(size)
+            nodes = len(model.graph.node)
+            synthetic.save(model, path)
+            del model
+            run_size(f"{nodes:,}", nodes, path)
+        if not args.no_large:
+            free = shutil.disk_usage(folder).free
+            if free < 5 * LARGE_WEIGHT_BYTES:
+                print(f"{'>2 GB':>10} skipped: {free / 2**30:.1f} GB free in {folder}, needs {5 * LARGE_WEIGHT_BYTES / 2**30:.0f}")
+            else:
+                path = folder / "large.onnx"
+                start = time.perf_counter()
+                model = synthetic.large_weights(LARGE_WEIGHT_BYTES)
+                nodes = len(model.graph.node)
+                synthetic.save(model, path, external=True)
+                del model
+                print(f"{'':>10} (generated the >2 GB model in {time.perf_counter() - start:.0f} s)")
+                run_size(">2 GB", nodes, path, LARGE_WEIGHT_BYTES)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

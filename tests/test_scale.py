@@ -1,0 +1,131 @@
+"""The structure that keeps conversion and verification linear in model size (issue 9).
+
+Speed itself is measured by ``make bench`` (``tests/benchmarks/bench_scale.py``), never
+asserted here; these tests pin what makes it linear on a graph whose quantizers all share
+one scale, zero-point and bit-width tensor: no deep node comparisons while lowering,
+exact links after every pass, one ORT session per distinct reference group, and one copy
+of each small constant in the output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from benchmarks.synthetic import shared_chain
+
+import qlower
+from qlower import links
+from qlower.reference import ReferenceExecutor
+
+
+@pytest.fixture
+def node_comparisons(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts ``gs.Node.__eq__`` calls: what SynchronizedList.remove makes per list entry."""
+    calls: Counter = Counter()
+    original = gs.Node.__eq__
+
+    def counted(self: gs.Node, other: object) -> bool:
+        calls["eq"] += 1
+        return original(self, other)
+
+    monkeypatch.setattr(gs.Node, "__eq__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("to", ["qcdq", "qop"])
+def test_lowering_a_shared_parameter_chain_compares_no_nodes(node_comparisons: Counter, to: str) -> None:
+    # Detaching each of n quantizers from a tensor all n read used to scan that tensor's
+    # consumer list comparing nodes deeply: O(n^2) comparisons.
+    result = qlower.convert(shared_chain(200), to=to, verify_result=False)
+    assert node_comparisons["eq"] == 0
+    assert not any(node.domain == "qonnx.custom_op.general" for node in result.model.graph.node)
+
+
+def _shared_graph() -> tuple[gs.Graph, gs.Constant, list[gs.Node]]:
+    shared = gs.Constant("shared", np.ones((), np.float32))
+    x = gs.Variable("x", np.float32, (1,))
+    nodes = []
+    for i in range(6):
+        out = gs.Variable(f"y{i}", np.float32, (1,))
+        nodes.append(gs.Node("Mul", f"mul{i}", inputs=[x, shared], outputs=[out]))
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[n.outputs[0] for n in nodes]), shared, nodes
+
+
+def test_detach_is_exact_for_run_time_tensors_and_relink_for_constants() -> None:
+    graph, shared, nodes = _shared_graph()
+    x = graph.inputs[0]
+    links.detach(nodes[1], nodes[4])
+    assert [n.name for n in x.outputs] == ["mul0", "mul2", "mul3", "mul5"]  # at once
+    assert not nodes[1].inputs and not nodes[1].outputs
+    links.relink_constants(graph)
+    assert [n.name for n in shared.outputs] == ["mul0", "mul2", "mul3", "mul5"]
+
+
+def test_replace_input_keeps_both_sides_of_the_link() -> None:
+    graph, shared, nodes = _shared_graph()
+    x = graph.inputs[0]
+    other = gs.Constant("other", np.full((), 2, np.float32))
+    links.replace_input(nodes[0], 0, other)
+    assert nodes[0].inputs[0] is other and [n.name for n in other.outputs] == ["mul0"]
+    assert all(n is not nodes[0] for n in x.outputs)
+    links.relink_constants(graph)
+    assert len(shared.outputs) == 6
+
+
+def test_equal_small_constants_are_shared_in_the_output() -> None:
+    result = qlower.convert(shared_chain(80), to="qcdq", verify_result=False)
+    small = [init for init in result.model.graph.initializer if onnx.numpy_helper.to_array(init).size == 1]
+    roles = Counter((init.name.rsplit("/", 1)[-1], init.data_type, onnx.numpy_helper.to_array(init).tobytes()) for init in small)
+    assert set(roles.values()) == {1}  # one copy per role and value, not one per quantizer
+    assert len(small) < 20  # 20 blocks, each quantizer with its own 2-3 constants before sharing
+    assert qlower.verify(shared_chain(80), result.model, batches=2).passed
+
+
+def test_reference_groups_that_differ_only_in_names_share_one_session() -> None:
+    model = shared_chain(80)  # 20 MatMul -> Relu groups between quantizers
+    executor = ReferenceExecutor(model)
+    assert executor.session_count == 1
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 16)).astype(np.float32)}
+    first, again = executor.run(feeds), executor.run(feeds)
+    np.testing.assert_array_equal(first[executor.output_names[0]], again[executor.output_names[0]])
+
+
+def test_progress_is_drawn_on_a_terminal_after_the_delay_only() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from qlower.progress import Progress, TerminalProgress, for_terminal
+
+    screen = StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=100)
+    with TerminalProgress(terminal, delay=0.0) as progress:
+        qlower.convert(shared_chain(40), to="qcdq", verify_result=True, batches=2, progress=progress)
+    assert "verifying on 2 batches" in screen.getvalue()
+    assert type(for_terminal(terminal, quiet=True)) is Progress  # -q
+    assert type(for_terminal(Console(file=StringIO()), quiet=False)) is Progress  # not a terminal
+    assert isinstance(for_terminal(terminal, quiet=False), TerminalProgress)
+
+    quick = StringIO()
+    with TerminalProgress(Console(file=quick, force_terminal=True), delay=60.0) as progress:
+        qlower.convert(shared_chain(40), to="qcdq", verify_result=False, progress=progress)
+    assert quick.getvalue() == ""  # runs shorter than the delay draw nothing
+
+
+def test_cli_prints_no_progress_when_stderr_is_not_a_terminal(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(shared_chain(40), path)
+    for quiet in ([], ["-q"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "qlower", "convert", str(path), "-o", str(tmp_path / "out.onnx"), "--batches", "2", *quiet],
+            capture_output=True, text=True, check=True,
+        )
+        assert done.stderr == ""
