@@ -71,3 +71,11 @@ def test_a_missing_openvino_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -
         qlower.convert(make_quant_model(), runtime="openvino")
     with pytest.raises(UnsupportedError, match="unknown runtime 'tensorrt'"):
         verify(make_quant_model(), make_quant_model(), runtime="tensorrt")
+
+
+def test_an_output_openvino_names_several_ways_is_found_by_its_own_name() -> None:
+    # OpenVINO folds CNV's final Mul -> Div into one node whose port carries three names.
+    fixture = BREVITAS_DIR / "real" / "cnv_2w2a.qonnx.onnx"
+    lowered = qlower.convert(fixture, profile="openvino", verify_result=False).model
+    report = verify(fixture, lowered, runtime="openvino", batches=1)
+    assert [record.name for record in report.outputs] == ["118"], report.failures

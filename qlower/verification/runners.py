@@ -129,8 +129,10 @@ class _OpenVinoSession(Session):
         self._compiled = compiled
         self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
         self.input_names = [port.get_any_name() for port in compiled.inputs]  # type: ignore[attr-defined]
+        # A port can carry several tensor names (OpenVINO merges an output into the tensor
+        # feeding it); each of them names it.
         self._ports = {name: port for port in compiled.outputs for name in port.get_names()}  # type: ignore[attr-defined]
-        self.output_names = [port.get_any_name() for port in compiled.outputs]  # type: ignore[attr-defined]
+        self.output_names = list(self._ports)
 
     def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         results = self._request.infer(dict(feeds))  # type: ignore[attr-defined]
