@@ -497,6 +497,33 @@ def _concat(b: _Builder, x: _Tensor, pool: list[_Tensor]) -> _Tensor:
     return _Tensor(out, tuple(shape))
 
 
+def _affine(b: _Builder, y: _Tensor) -> _Tensor:
+    """Constant per-channel (or scalar) affine ops between a unit and its quantizer, as
+    Brevitas's BatchNorm after each conv: negative and zero gammas and multipliers included."""
+    channels = y.shape[1]
+    per_channel = (channels, 1, 1) if len(y.shape) == 4 else (channels,)
+    for _ in range(b.draw(st.integers(1, 2))):
+        kind = _pick(b.draw, [(3, "bn"), (2, "mul"), (2, "add")])
+        if kind == "bn":
+            gamma = b.rng.normal(0, 1.5, channels).astype(F32)
+            gamma[b.rng.random(channels) < 0.2] = 0.0
+            params = [b.const(name, value.astype(F32)) for name, value in (
+                ("bn_gamma", gamma), ("bn_beta", b.rng.normal(0, 0.5, channels)), ("bn_mean", b.rng.normal(0, 0.5, channels)),
+                ("bn_var", b.rng.uniform(0.05, 2.0, channels)))]
+            out = b.node("BatchNormalization", [y.name, *params], epsilon=float(b.draw(st.sampled_from([1e-5, 1e-3]))))
+            b.note(f"{b.nodes[-1].name}: BatchNormalization gamma={_brief(gamma)}")
+        else:
+            shape = per_channel if b.draw(st.booleans()) else ()
+            if kind == "mul":
+                value = (b.rng.uniform(0.25, 4.0, shape) * b.rng.choice([-1.0, 1.0, 1.0, 0.0], shape)).astype(F32)
+            else:
+                value = b.rng.normal(0, 0.5, shape).astype(F32)
+            out = b.node("Mul" if kind == "mul" else "Add", [y.name, b.const(kind, np.asarray(value, F32))])
+            b.note(f"{b.nodes[-1].name}: {'Mul' if kind == 'mul' else 'Add'} {_brief(value)}")
+        y = _Tensor(out, y.shape)
+    return y
+
+
 def _step(b: _Builder, x: _Tensor, pool: list[_Tensor]) -> _Tensor:
     """One random op after ``x``."""
     four_d = len(x.shape) == 4
@@ -514,9 +541,13 @@ def _step(b: _Builder, x: _Tensor, pool: list[_Tensor]) -> _Tensor:
         if x.from_quantizer is None or x.from_quantizer[0].size != 1:
             x = b.activation_quantizer(x, unit_friendly=True)
         y = _conv(b, x, unit=True) if four_d else (_matmul(b, x, unit=True) if b.draw(st.booleans()) else _gemm(b, x, unit=True))
+        if b.draw(st.integers(0, 2)) == 0:
+            y = _affine(b, y)
         if b.draw(st.booleans()):
             y = _Tensor(b.node("Relu", [y.name]), y.shape)
             b.note(f"{b.nodes[-1].name}: Relu")
+        if b.draw(st.integers(0, 3)) == 0:  # per-channel output scales (MobileNet-style), often one zero point
+            return b.quant(y, role="activation", channel_axis=1, unit_friendly=True)
         return b.activation_quantizer(y, unit_friendly=b.draw(st.booleans()))
     if kind == "conv":
         return _conv(b, x, unit=False)

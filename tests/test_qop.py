@@ -662,3 +662,17 @@ def test_real_models_run_every_quantized_unit_on_integer_kernels(entry: dict, tm
     float_left = _float_input_compute_nodes(original)
     assert sum(op in FLOAT_KERNELS for op in optimized) == float_left
     assert sum(op in INTEGER_KERNELS for op in optimized) == compute - float_left
+
+
+def test_per_channel_input_to_a_full_conv_stays_qcdq() -> None:
+    """Per-channel input scales into a conv that sums over channels: no single multiplier, so
+    the unit stays exact QCDQ (and its quantized bias is left where it is)."""
+    rng = np.random.default_rng(9)
+    b = UnitBuilder()
+    x = b.quant("qx", "x", rng.uniform(0.02, 0.08, (1, 3, 1, 1)).astype(np.float32), 0.0, 8, signed=0)
+    w = b.quant("qw", b.const("W", rng.integers(-7, 8, (4, 3, 3, 3)) * 0.02), 0.02, 0.0, 4, narrow=1)
+    bias = b.quant("qb", b.const("B", rng.integers(-50, 50, 4) * 0.001), 0.001, 0.0, 32)
+    y = b.quant("qy", b.node("Conv", [x, w, bias], "compute"), 0.07, 0.0, 8, signed=1)
+    result = convert_qop(b.model((2, 3, 6, 6), y))
+    record = unit_record(result)
+    assert record["became"] is None and "only a depthwise conv" in record["reason"]

@@ -73,6 +73,8 @@ class BiasAccumulatorGrid(GraphPass):
                 weight = _output_channel_weight(node)
             except Refused:
                 continue  # no integer accumulator to align with
+            if x.axis is not None:
+                continue  # per-channel input scales: no one accumulator grid along the output channels
             accumulator_scale = (F32(x.scale) * weight.scale).astype(F32)
             stored_scale = np.asarray(dq.inputs[1].values, F32)
             zero_point = np.asarray(dq.inputs[2].values) if len(dq.inputs) > 2 else np.zeros(())
