@@ -42,8 +42,9 @@ nearest checked neighbours ``p <= acc <= q``. ``T`` does not step between ``p`` 
 inside), so ``T(p) == T(acc) == T(q)``; ``F(p) == T(p)`` and ``F(q) == T(q)`` by the check,
 and ``F`` is monotone, so ``F(acc)`` lies between equal values: ``F(acc) == T(acc)``.
 
-**Zero and negative multipliers.** ``M == 0`` (a zero BatchNorm gamma): the channel's
-integer weights become 0 (``k = 0``), ``B = T`` and ``M' = 1``, exact. ``M < 0``: ``M'`` is
+**Zero and negative multipliers.** ``M == 0`` (a zero BatchNorm gamma), or any channel
+whose ``T`` is constant over its accumulator range: the channel's integer weights become 0
+(``k = 0``), ``B = T`` and ``M' = 1``, exact. ``M < 0``: ``M'`` is
 negative; ONNX Runtime's QLinearConv accepts a negative per-channel weight scale and its
 requantization is the same formula (tests run it), so the integer weights are not flipped
 (flipping cannot hold -128 in int8).
@@ -112,6 +113,7 @@ class ChannelChoice:
     multiplier: np.float32
     missed: int  # checked accumulators where ORT's result differs from T (0: exact)
     checked: int
+    worst: int = 0  # the largest difference there, in output steps
 
 
 def _target_bounds(targets: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +190,8 @@ def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float
         return ChannelChoice(0, constant, F32(1.0), 0, 1)
     points = checkpoints(acc_low, acc_high, multiplier, offset, low, high)
     targets = reference_output(points, multiplier, offset, low, high)
+    if targets[0] == targets[-1]:  # T is monotone: constant over the whole range (e.g. M ~ 0)
+        return ChannelChoice(0, int(targets[0]), F32(1.0), 0, len(points))
     below, above = _target_bounds(targets, low, high)
     biggest = max(abs(acc_low), abs(acc_high))
     best: ChannelChoice | None = None
@@ -196,9 +200,10 @@ def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float
             break
         int32_range = (INT32_MIN - k * acc_low, INT32_MAX - k * acc_high)
         for b, m in _candidates(points, below, above, multiplier, k, int32_range):
-            missed = int(np.count_nonzero(ort_output(points, k, b, m, low, high) != targets))
+            errors = np.abs(ort_output(points, k, b, m, low, high) - targets)
+            missed = int(np.count_nonzero(errors))
             if best is None or missed < best.missed:
-                best = ChannelChoice(k, b, m, missed, len(points))
+                best = ChannelChoice(k, b, m, missed, len(points), int(errors.max()))
                 if missed == 0:
                     return best
     if best is None:  # even k = 1 overflows int32: no integer unit can hold this channel
@@ -227,6 +232,7 @@ class UnitChoice:
     multiplier: np.ndarray  # float32 [C]
     missed: np.ndarray  # int64 [C]
     checked: np.ndarray  # int64 [C]
+    worst: np.ndarray  # int64 [C]: largest difference at a checked accumulator, in output steps
 
     def scaled_weights(self, weights: np.ndarray) -> np.ndarray:
         """``k[c] * w[c]`` for weights [C, ...] (``w - zw``), as int64."""
@@ -270,4 +276,5 @@ def choose_unit(weights: np.ndarray, x_low: int, x_high: int, multiplier: np.nda
         np.array([ch.multiplier for ch in choices], F32),
         np.array([ch.missed for ch in choices], np.int64),
         np.array([ch.checked for ch in choices], np.int64),
+        np.array([ch.worst for ch in choices], np.int64),
     )

@@ -240,6 +240,11 @@ def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, i
                              *bounds)
     except OverflowError:
         raise Refused("the int32 accumulator could overflow for some input; the float model does not wrap") from None
+    if np.any(choice.worst > 1):
+        raise Refused(
+            "no int32 bias and float32 multiplier reproduce the unit within one output step "
+            f"(off by up to {int(choice.worst.max())} steps: an offset too large for its multiplier)"
+        )
     notes = [choice.describe()]
     if not fits_int8:
         if np.any(choice.k != 1):
