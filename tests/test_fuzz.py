@@ -1,12 +1,13 @@
 """Differential fuzzing: random valid QONNX graphs, every target, lowered and verified.
 
-For every graph from :func:`fuzz_graphs.fuzz_cases` and every target (qcdq, qop):
+For every graph from :func:`fuzz_graphs.fuzz_cases` and every target (qcdq, qop, and qcdq
+with the ort and openvino profiles):
 
 * ``qlower.convert`` succeeds (the graphs are valid QONNX, so any refusal is a bug);
 * the result passes ``onnx.checker.check_model(full_check=True)``, keeps no QONNX or other
   non-standard op, has opset >= 13, and ONNX Runtime loads it;
 * verification against the QONNX reference holds at ``ORT_DISABLE_ALL``, on random batches
-  and on inputs placed on exact rounding ties of the first quantizer: ``qcdq`` bit-identical
+  and on inputs placed on exact rounding ties of the first quantizer: ``qcdq`` (every profile) bit-identical
   (max |diff| 0), ``qop`` within ``TOLERANCE_LSB`` (qlower's stated bound, 1 LSB).
 
 A failure at ``ORT_DISABLE_ALL`` fails the test unless removing the trigger of one of the
@@ -49,7 +50,8 @@ from fuzz_graphs import FuzzCase, fuzz_cases
 
 ort.set_default_logger_severity(3)  # ORT logs its own kernel errors; the tests report them
 
-TARGETS = ("qcdq", "qop")
+# "qcdq-ort": --to qcdq --profile ort; every qcdq profile is held to bit-exactness at DISABLE_ALL.
+TARGETS = ("qcdq", "qop", "qcdq-ort", "qcdq-openvino")
 FIXED_EXAMPLES = 300
 TOLERANCE_LSB = 1.0  # qlower's stated bound for qop (and its default --tolerance-lsb)
 BATCHES = 3  # random batches per graph, on top of the tie inputs
@@ -61,6 +63,9 @@ _COMMON = dict(
     print_blob=True,
 )
 FIXED = settings(max_examples=FIXED_EXAMPLES, derandomize=True, **_COMMON)
+# The profiles change layout only, so make test runs fewer fixed graphs for them (the
+# campaign runs every target equally).
+FIXED_PROFILE_EXAMPLES = 60
 
 
 def _session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
@@ -215,8 +220,9 @@ def check_case(case: FuzzCase, target: str, tally: Counter | None = None) -> str
     rewrites of a correct model) are tallied by label, not raised.
     """
     tally = tally if tally is not None else Counter()
+    to, _, profile = target.partition("-")
     try:
-        result = qlower.convert(case.model, to=target, opset=case.opset, verify_result=False)
+        result = qlower.convert(case.model, to=to, opset=case.opset, verify_result=False, profile=profile or "portable")
         lowered = result.model
         onnx.checker.check_model(lowered, full_check=True)
         assert not [n.name for n in lowered.graph.node if n.domain in QONNX_DOMAINS], "a QONNX op survived"
@@ -225,11 +231,11 @@ def check_case(case: FuzzCase, target: str, tally: Counter | None = None) -> str
         _session(lowered, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         outcome, optimized = "ok", set()
         for inputs in [None] + ([case.inputs] if case.inputs is not None else []):
-            report = _verify(case.model, lowered, target, inputs, optimized=True)
-            _check_records(report, target)
+            report = _verify(case.model, lowered, to, inputs, optimized=True)
+            _check_records(report, to)
             exact = _exact_failures(report)
             if exact:
-                known = _explain(case, target, lowered, inputs)
+                known = _explain(case, to, lowered, inputs)
                 assert known is not None, f"verification failed at ORT_DISABLE_ALL: {exact[0]}"
                 outcome = f"known:{known}"
             else:
@@ -279,10 +285,11 @@ def _summary(target: str, tried: int, tally: Counter, seconds: float) -> str:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_fixed(target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """FIXED_EXAMPLES derandomized graphs per target; part of ``make test``."""
+    """FIXED_EXAMPLES derandomized graphs per target (FIXED_PROFILE_EXAMPLES per profile); part of ``make test``."""
     tried, tally, start = 0, Counter(), time.perf_counter()
+    examples = FIXED_PROFILE_EXAMPLES if "-" in target else FIXED_EXAMPLES
 
-    @FIXED
+    @settings(FIXED, max_examples=examples)
     @given(fuzz_cases())
     def run(case: FuzzCase) -> None:
         nonlocal tried
@@ -293,7 +300,7 @@ def test_fuzz_fixed(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     run()
     with capsys.disabled():
         print("\n" + _summary(target, tried, tally, time.perf_counter() - start))
-    assert tried >= FIXED_EXAMPLES
+    assert tried >= examples
 
 
 @pytest.mark.slow

@@ -106,6 +106,15 @@ def test_ort_profile_runs_every_conv_of_a_signed_4bit_deployment_net_as_an_integ
     assert kernel_counts(result.model, tmp_path) == (7, 0)
 
 
+def test_ort_profile_runs_every_conv_of_the_real_signed_4bit_deployment_net_as_an_integer_kernel(tmp_path: Path) -> None:
+    path = REAL_DIR / "deploy_w4a4_signed.qonnx.onnx"
+    portable = qlower.convert(path, batches=2, check_optimized=False)
+    result = qlower.convert(path, profile="ort", batches=2)
+    assert exact_at_disable_all(result)
+    assert kernel_counts(portable.model, tmp_path) == (0, 7)
+    assert kernel_counts(result.model, tmp_path) == (7, 0)
+
+
 @pytest.mark.parametrize("path", ZOO_MODELS + FIXTURES + [REAL_DIR / e["qonnx"] for e in REAL_MANIFEST], ids=lambda p: p.name.removesuffix(".onnx"))
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p != "portable"])
 def test_profiles_are_exact_on_zoo_and_brevitas_fixtures(path: Path, profile: str) -> None:
