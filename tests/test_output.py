@@ -291,8 +291,12 @@ def test_signal_handlers_are_restored(tmp_path: Path) -> None:
 
 
 SLOW_WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from qlower import output
+
+    # A shell runs background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler; give the child the interactive default the test is about.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow(stream):
         stream.write(b"part of a model")
