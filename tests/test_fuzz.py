@@ -283,13 +283,12 @@ def _summary(target: str, tried: int, tally: Counter, seconds: float) -> str:
     return f"fuzz [{target}]: {tried} graphs in {seconds:.1f} s ({tried / max(seconds, 1e-9):.1f}/s); {parts}"
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", ("qcdq", "qop"))
 def test_fuzz_fixed(target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """FIXED_EXAMPLES derandomized graphs per target (FIXED_PROFILE_EXAMPLES per profile); part of ``make test``."""
+    """FIXED_EXAMPLES derandomized graphs per target; part of ``make test``."""
     tried, tally, start = 0, Counter(), time.perf_counter()
-    examples = FIXED_PROFILE_EXAMPLES if "-" in target else FIXED_EXAMPLES
 
-    @settings(FIXED, max_examples=examples)
+    @FIXED
     @given(fuzz_cases())
     def run(case: FuzzCase) -> None:
         nonlocal tried
@@ -300,7 +299,26 @@ def test_fuzz_fixed(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     run()
     with capsys.disabled():
         print("\n" + _summary(target, tried, tally, time.perf_counter() - start))
-    assert tried >= examples
+    assert tried >= FIXED_EXAMPLES
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if "-" in t])
+def test_fuzz_fixed_profiles(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """FIXED_PROFILE_EXAMPLES derandomized graphs per qcdq profile; part of ``make test``."""
+    tried, tally, start = 0, Counter(), time.perf_counter()
+
+    @settings(FIXED, max_examples=FIXED_PROFILE_EXAMPLES)
+    @given(fuzz_cases())
+    def run(case: FuzzCase) -> None:
+        nonlocal tried
+        tried += 1
+        note(repr(case))
+        check_case(case, target, tally)
+
+    run()
+    with capsys.disabled():
+        print("\n" + _summary(target, tried, tally, time.perf_counter() - start))
+    assert tried >= FIXED_PROFILE_EXAMPLES
 
 
 @pytest.mark.slow
