@@ -35,19 +35,23 @@ SIZES = (1_000, 10_000, 100_000)
 LARGE_WEIGHT_BYTES = 2**31 + 2**27  # past protobuf's 2 GB limit
 
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 step, source, target = sys.argv[1:4]
 import onnx
+# A source with external data is written back the same way (it cannot fit one protobuf).
+external = os.path.exists(source + ".data")
+options = dict(save_as_external_data=True, all_tensors_to_one_file=True,
+               location=os.path.basename(target) + ".data", size_threshold=1024) if external else {}
 if step == "load_save":
     start = time.perf_counter()
     model = onnx.load(source)
-    onnx.save(model, target)
+    onnx.save_model(model, target, **options)
 elif step == "graphsurgeon":
     import onnx_graphsurgeon as gs
     start = time.perf_counter()
     graph = gs.import_onnx(onnx.load(source))
     graph.cleanup().toposort()
-    onnx.save(gs.export_onnx(graph), target)
+    onnx.save_model(gs.export_onnx(graph), target, **options)
 elif step == "convert":
     import qlower
     start = time.perf_counter()
