@@ -262,6 +262,24 @@ def test_int8_weights_by_default_and_the_x86_without_vnni_option() -> None:
     assert unit_record(result)["reason"] is None
 
 
+def test_weights_wider_than_int8_around_their_zero_point_store_uint8() -> None:
+    """Signed 8-bit weights with zero point -1 span -127..128 around it: no int8 fits, so the
+    chosen ``k * (w - zw)`` (k 0 for a constant channel, k 2 for a narrow one) is stored uint8
+    around one zero point (a fuzz graph once crashed here with an internal error)."""
+    b = UnitBuilder()
+    x = b.quant("qx", "x", 0.25, 0.0, 2, signed=0)
+    sw = np.float32(2.0**-12)
+    q = np.array([[127, -128, 5, 0], [3, -4, 2, 1], [-1, -1, -1, -1]], np.float32)  # [N, K] for transB
+    w = b.quant("qw", b.const("W", (q + 1) * sw), sw, -1.0, 8)
+    y = b.node("Gemm", [x, w], "compute", transB=1)
+    model = b.model((2, 4), b.quant("qy", y, 2.0**-9, 0.0, 8, signed=1))
+    result = convert_qop(model)
+    weights = [init(result.model, n.input[1]) for n in result.model.graph.node if n.op_type == "MatMulInteger"]
+    weights += [init(result.model, n.input[3]) for n in nodes_of(result.model, "QLinearConv")]
+    assert weights and all(w.dtype == np.uint8 for w in weights), [w.dtype for w in weights]
+    assert "wider than int8" in str(unit_record(result)["reason"])
+
+
 def test_bias_on_a_coarser_grid_is_rescaled_exactly() -> None:
     """A bias at 4 * s_x*s_w (QKeras-style) is an exact int32 at s_x*s_w."""
     result = convert_qop(unit_model("Gemm", (3, 16), (8, 16), attrs={"transB": 1}, bias_scale_factor=4.0))

@@ -246,13 +246,17 @@ def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, i
             f"(off by up to {int(choice.worst.max())} steps: an offset too large for its multiplier)"
         )
     notes = [choice.describe()]
+    scaled = np.moveaxis(choice.scaled_weights(rows), 0, output_axis)
     if not fits_int8:
-        if np.any(choice.k != 1):
-            raise AssertionError("weights wider than int8 must keep k = 1")
-        values, zero_point = weight.values, weight.zero_point
-        notes.append(f"weights span {bounds[0]}..{bounds[1]} around their zero point, wider than int8: kept as {weight.values.dtype}")
+        # k * (w - zw) stays within the centred span (k is 0 for a constant channel, and may
+        # exceed 1 for a narrow one), so it fits uint8 around one zero point when the span does.
+        low, high = int(scaled.min(initial=0)), int(scaled.max(initial=0))
+        if high - low > 255:
+            raise Refused(f"weights span {bounds[0]}..{bounds[1]} around their zero point, wider than 8 bits")
+        values, zero_point = (scaled - low).astype(np.uint8), np.asarray(-low, np.uint8)
+        notes.append(f"weights span {bounds[0]}..{bounds[1]} around their zero point, wider than int8: "
+                     f"stored as uint8 (zero point {-low})")
     else:
-        scaled = np.moveaxis(choice.scaled_weights(rows), 0, output_axis)
         if x86_without_vnni and int(np.abs(scaled).max(initial=0)) > U8S8_SAFE_MAGNITUDE:
             values, zero_point = (scaled + 128).astype(np.uint8), np.asarray(128, np.uint8)
             notes.append(f"weights reach |w| = {largest} > {U8S8_SAFE_MAGNITUDE}: stored as uint8 (zero point 128) for the "
