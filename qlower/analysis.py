@@ -1,8 +1,11 @@
 """Analyse every QONNX quantizer once: role, constant parameters, range and scale layout.
 
 Passes read this table instead of rescanning the graph, and the checks here are where bad
-quantizer parameters (zero or NaN scales, impossible bit widths, zero points outside the
-range, scales that do not broadcast) are refused with the node named.
+quantizer parameters (zero or NaN scales, bit widths below 1, NaN zero points, scales that
+do not broadcast, minifloat formats the reference cannot run) are refused with the node
+named. Parameters computed at run time are valid input: they are listed in
+``Quantizer.runtime`` and only the exact float path lowers them. Zero points outside the
+integer range and non-integer bit widths are valid QONNX too, and are not refused here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from . import semantics
 from .errors import InvalidQuantizerError, UnsupportedError
 from .ir import is_qonnx_node
 
-MAX_BIT_WIDTH = 32
+FLOAT8_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 zero points
 
 # Ops that take a bias as a given input index.
 _BIAS_INPUT_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
@@ -24,15 +27,44 @@ _BIAS_INPUT_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 _BIASED_PRODUCERS = frozenset({"MatMul", "Conv", "Gemm", "ConvTranspose"})
 
 
+@dataclass(frozen=True)
+class Minifloat:
+    """FloatQuant's format: the constant inputs 2-5 and the attributes (SPEC 1.4)."""
+
+    exponent_bits: int
+    mantissa_bits: int
+    bias: int
+    max_val: float
+    has_inf: bool
+    has_nan: bool
+    has_subnormal: bool
+    saturation: bool
+
+    @property
+    def limit(self) -> np.float32:
+        """The clamp bound ``min(minifloat_max, max_val)`` in float32, as the semantics take it."""
+        return np.minimum(
+            np.float32(semantics.minifloat_max(self.exponent_bits, self.mantissa_bits, self.bias)), np.float32(self.max_val)
+        )
+
+    def describe(self) -> str:
+        overflow = "saturating" if self.saturation else ("overflow to inf" if self.has_inf else "overflow to NaN")
+        return f"e{self.exponent_bits}m{self.mantissa_bits} bias {self.bias}, max {float(self.limit):g}, {overflow}"
+
+
 @dataclass
 class Quantizer:
-    """One QONNX quantizer node with its parameters resolved to numpy constants."""
+    """One QONNX quantizer node with its parameters resolved to numpy constants.
+
+    A parameter computed at run time is named in ``runtime`` and its field is ``None``;
+    such a quantizer is left to the float path, which reads the tensors from ``node``.
+    """
 
     node: gs.Node
     role: str  # "activation", "weight" or "bias"
-    scale: np.ndarray
-    zero_point: np.ndarray
-    bit_width: float | None = None  # None for BipolarQuant
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    bit_width: float | None = None  # None for BipolarQuant and FloatQuant (or a run-time width)
     signed: bool = True
     narrow: bool = False
     rounding_mode: str = "ROUND"
@@ -41,6 +73,8 @@ class Quantizer:
     trunc_version: int | None = None
     in_bit_width: float | None = None
     out_scale: np.ndarray | None = None
+    minifloat: Minifloat | None = None  # FloatQuant only
+    runtime: tuple[str, ...] = ()  # parameters computed at run time ("scale", "zero point", "bit width")
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,35 +103,66 @@ class Quantizer:
         return self.op == "BipolarQuant" or (self.op == "Quant" and self.signed and self.bit_width == 1)
 
     @property
+    def has_integer_width(self) -> bool:
+        """A constant whole bit width, so the clamp bounds are integers (SPEC 1.1)."""
+        return self.bit_width is not None and float(self.bit_width).is_integer()
+
+    @property
     def int_range(self) -> tuple[int, int]:
+        assert self.has_integer_width, f"{self.name}: {self.bit_width} bits have no integer range"
+        return semantics.int_range(self.signed, self.narrow, int(self.bit_width))  # type: ignore[arg-type]
+
+    @property
+    def clamp_bounds(self) -> tuple[np.float32, np.float32]:
+        """The clamp bounds QONNX uses, integer or not (``semantics.float_range``)."""
         assert self.bit_width is not None
-        return semantics.int_range(self.signed, self.narrow, int(self.bit_width))
+        return semantics.float_range(self.signed, self.narrow, self.bit_width)
 
     @property
     def zero_point_is_zero(self) -> bool:
-        return not np.any(self.zero_point)
+        return self.zero_point is not None and not np.any(self.zero_point)
+
+    @property
+    def zero_point_in_range(self) -> bool:
+        """Whether every zero point lies inside the integer range (valid QONNX either way)."""
+        if self.zero_point is None or not self.has_integer_width:
+            return False
+        q_min, q_max = self.int_range
+        return bool(np.all((self.zero_point >= q_min) & (self.zero_point <= q_max)))
+
+
+def _input(node: gs.Node, index: int, what: str) -> gs.Tensor:
+    if index >= len(node.inputs) or node.inputs[index] is None:
+        raise InvalidQuantizerError(f"missing input {index} ({what})", node.name)
+    return node.inputs[index]
 
 
 def _constant(node: gs.Node, index: int, what: str) -> np.ndarray:
-    if index >= len(node.inputs):
-        raise InvalidQuantizerError(f"missing input {index} ({what})", node.name)
-    tensor = node.inputs[index]
+    tensor = _input(node, index, what)
     if not isinstance(tensor, gs.Constant):
         raise UnsupportedError(
-            f"{what} ({tensor.name!r}) is computed at run time; only constant quantizer parameters can be lowered",
+            f"{what} ({tensor.name!r}) is computed at run time; qlower lowers run-time scales, zero points "
+            f"and bit widths of Quant and FloatQuant only",
             node.name,
         )
     return np.asarray(tensor.values, dtype=np.float32)
 
 
+def _constant_or_runtime(node: gs.Node, index: int, what: str, runtime: list[str]) -> np.ndarray | None:
+    """The parameter's value, or ``None`` (and its name added to ``runtime``) when computed at run time."""
+    if not isinstance(_input(node, index, what), gs.Constant):
+        runtime.append(what)
+        return None
+    return _constant(node, index, what)
+
+
 def _scalar_bit_width(node: gs.Node, value: np.ndarray, what: str) -> float:
+    """Any finite width >= 1, as the reference executor takes it (non-integer widths are legal QONNX)."""
     if value.size != 1:
-        raise UnsupportedError(f"{what} has shape {value.shape}; only a single bit width per quantizer is supported", node.name)
+        raise InvalidQuantizerError(f"{what} has shape {value.shape}; a quantizer has a single bit width", node.name)
     bits = float(value.reshape(()))
-    if not np.isfinite(bits) or bits != round(bits):
-        raise UnsupportedError(f"{what} is {bits:g}; a non-integer bit width has no integer range to lower to", node.name)
-    if not 1 <= bits <= MAX_BIT_WIDTH:
-        raise InvalidQuantizerError(f"{what} is {bits:g}; it must be between 1 and {MAX_BIT_WIDTH}", node.name)
+    if not np.isfinite(bits) or bits < 1:
+        raise InvalidQuantizerError(f"{what} is {bits:g}; it must be a finite number >= 1", node.name)
     return bits
 
 
@@ -159,40 +224,82 @@ def analyse_node(node: gs.Node) -> Quantizer:
     shape = _static_shape(node.inputs[0])
     rank = len(shape) if shape is not None else None
     if node.op == "BipolarQuant":
-        scale = _constant(node, 1, "scale")
+        scale = _constant(node, 1, "scale")  # run-time BipolarQuant scales are not lowered yet
         _check_scale(node, scale)
         _check_broadcast(node, shape, scale, "scale")
         return Quantizer(node, _role(node), scale, np.zeros((), np.float32), input_rank=rank)
     if node.op == "Quant":
-        scale, zero_point = _constant(node, 1, "scale"), _constant(node, 2, "zero point")
-        bits = _scalar_bit_width(node, _constant(node, 3, "bit width"), "bit width")
-        quantizer = Quantizer(
-            node, _role(node), scale, zero_point, bits,
-            signed=bool(node.attrs.get("signed", 1)), narrow=bool(node.attrs.get("narrow", 0)),
-            rounding_mode=_rounding_mode(node, "ROUND"), input_rank=rank,
-        )
-        _check_scale(node, scale)
-        _check_broadcast(node, shape, scale, "scale")
-        _check_broadcast(node, shape, zero_point, "zero point")
-        _check_zero_point(quantizer)
-        return quantizer
+        return _analyse_quant(node, shape, rank)
     if node.op == "Trunc":
         return _analyse_trunc(node, shape, rank)
+    if node.op == "FloatQuant":
+        return _analyse_float_quant(node, shape, rank)
     raise UnsupportedError(f"{node.op} is not supported yet", node.name)
 
 
-def _check_zero_point(q: Quantizer) -> None:
-    zp = q.zero_point
-    if not np.all(np.isfinite(zp)):
-        raise InvalidQuantizerError("zero point contains NaN or infinity", q.name)
-    if q.is_bipolar:
-        return
-    q_min, q_max = q.int_range
-    if np.any(zp < q_min) or np.any(zp > q_max):
-        raise InvalidQuantizerError(
-            f"zero point {float(zp[(zp < q_min) | (zp > q_max)].ravel()[0]):g} lies outside the integer range [{q_min}, {q_max}]",
-            q.name,
-        )
+def _analyse_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
+    runtime: list[str] = []
+    scale = _constant_or_runtime(node, 1, "scale", runtime)
+    zero_point = _constant_or_runtime(node, 2, "zero point", runtime)
+    raw_bits = _constant_or_runtime(node, 3, "bit width", runtime)
+    bits = None if raw_bits is None else _scalar_bit_width(node, raw_bits, "bit width")
+    if scale is not None:
+        _check_scale(node, scale)
+        _check_broadcast(node, shape, scale, "scale")
+    if zero_point is not None:
+        _check_broadcast(node, shape, zero_point, "zero point")
+        if not np.all(np.isfinite(zero_point)):
+            raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
+    return Quantizer(
+        node, _role(node), scale, zero_point, bits,
+        signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
+        rounding_mode=_rounding_mode(node, "ROUND"), input_rank=rank, runtime=tuple(runtime),
+    )
+
+
+def _flag(node: gs.Node, name: str, default: int) -> bool:
+    value = node.attrs.get(name, default)
+    if value not in (0, 1):
+        raise InvalidQuantizerError(f"attribute {name} must be 0 or 1, got {value!r}", node.name)
+    return bool(value)
+
+
+def _whole(node: gs.Node, index: int, what: str, minimum: int | None) -> int:
+    value = _constant(node, index, what)
+    if value.size != 1:
+        raise InvalidQuantizerError(f"{what} has shape {value.shape}; it must be a single value", node.name)
+    number = float(value.reshape(()))
+    if not number.is_integer() or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InvalidQuantizerError(f"{what} is {number:g}; it must be an integer{bound}", node.name)
+    return int(number)
+
+
+def _analyse_float_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
+    runtime: list[str] = []
+    scale = _constant_or_runtime(node, 1, "scale", runtime)
+    if scale is not None:
+        _check_scale(node, scale)
+        _check_broadcast(node, shape, scale, "scale")
+    max_val = _constant(node, 5, "max_val")
+    if max_val.size != 1 or not np.isfinite(max_val).all() or float(max_val.reshape(())) <= 0:
+        raise InvalidQuantizerError(f"max_val must be a single finite positive value, got {max_val.ravel()[:4].tolist()}", node.name)
+    minifloat = Minifloat(
+        exponent_bits=_whole(node, 2, "exponent bit width", 1),
+        mantissa_bits=_whole(node, 3, "mantissa bit width", 0),
+        bias=_whole(node, 4, "exponent bias", None),
+        max_val=float(max_val.reshape(())),
+        has_inf=_flag(node, "has_inf", 0),
+        has_nan=_flag(node, "has_nan", 0),
+        has_subnormal=_flag(node, "has_subnormal", 1),
+        saturation=_flag(node, "saturation", 1),
+    )
+    if not minifloat.saturation and not (minifloat.has_inf or minifloat.has_nan):
+        raise InvalidQuantizerError("saturation=0 needs has_inf or has_nan to say what an overflow becomes", node.name)
+    return Quantizer(
+        node, _role(node), scale, np.zeros((), np.float32), None,
+        rounding_mode=_rounding_mode(node, "ROUND"), input_rank=rank, minifloat=minifloat, runtime=tuple(runtime),
+    )
 
 
 def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
@@ -215,7 +322,7 @@ def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
         raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
     return Quantizer(
         node, _role(node), scale, zero_point, out_bits,
-        signed=bool(node.attrs.get("signed", 1)), narrow=bool(node.attrs.get("narrow", 0)),
+        signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
         rounding_mode=_rounding_mode(node, default_mode), input_rank=rank,
         trunc_version=version, in_bit_width=in_bits, out_scale=out_scale,
     )
@@ -232,9 +339,11 @@ def describe(q: Quantizer) -> dict[str, object]:
     ``layout`` is "per-tensor", "per-channel" (with ``axis``) or "multi-axis" (scales or
     zero points varying along several axes: no single-axis Q/DQ expresses them).
     """
-    params = [q.scale, q.zero_point]
-    fits, axis = per_axis_layout(params, q.input_rank)
-    layout = "multi-axis" if not fits else ("per-tensor" if axis is None else "per-channel")
+    if q.scale is None or q.zero_point is None:
+        layout, axis = "run-time", None
+    else:
+        fits, axis = per_axis_layout([q.scale, q.zero_point], q.input_rank)
+        layout = "multi-axis" if not fits else ("per-tensor" if axis is None else "per-channel")
     return {
         "tensor": q.output.name,
         "signed": q.signed,
@@ -242,7 +351,9 @@ def describe(q: Quantizer) -> dict[str, object]:
         "rounding_mode": None if q.op == "BipolarQuant" else q.rounding_mode,
         "layout": layout,
         "axis": axis,
-        "zero_point": _uniform_or_list(q.zero_point),
+        "zero_point": None if q.zero_point is None else _uniform_or_list(q.zero_point),
+        "runtime": list(q.runtime),
+        "minifloat": None if q.minifloat is None else q.minifloat.describe(),
     }
 
 

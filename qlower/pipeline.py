@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir, output, taps
-from .analysis import analyse, describe
+from .analysis import FLOAT8_OPSET, analyse, describe
 from .collector import paused_cycle_collection
 from .links import remove_unused_nodes, share_equal_constants, toposort
 from .progress import Progress
@@ -75,6 +75,12 @@ class ConversionReport:
 class ConversionResult:
     model: onnx.ModelProto
     report: ConversionReport
+
+
+def _float8_opset(model: onnx.ModelProto) -> int:
+    """FloatQuant lowers to float8 Q/DQ, which needs opset 19: raise the output opset for it."""
+    has_float_quant = any(ir.is_qonnx_node(node) and node.op_type == "FloatQuant" for node in model.graph.node)
+    return FLOAT8_OPSET if has_float_quant else 0
 
 
 def _keep_unfolded(node: gs.Node) -> bool:
@@ -213,7 +219,7 @@ def convert(
     progress.stage("loading")
     original = ir.load_model(source)
     input_opset = ir.default_opset(original)
-    output_opset = max(ir.MIN_OUTPUT_OPSET, input_opset, opset or 0)
+    output_opset = max(ir.MIN_OUTPUT_OPSET, input_opset, opset or 0, _float8_opset(original))
     normalized = ir.normalize(original, output_opset, copy=False)  # ``original`` is our own copy
     del original
     graph = ir.to_graph(normalized)

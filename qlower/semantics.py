@@ -161,10 +161,12 @@ def trunc_v1(
 def minifloat_max(exponent_bitwidth: int, mantissa_bitwidth: int, exponent_bias: int) -> float:
     """Largest value of a minifloat format whose top exponent encodes finite numbers."""
     max_exponent = 2**exponent_bitwidth - 1 - exponent_bias
+    if max_exponent > 128:  # beyond every float32 (and Python float) range: no upper limit
+        return float("inf")
     return (2.0 - 2.0**-mantissa_bitwidth) * 2.0**max_exponent
 
 
-def float_quant(
+def float_quant_grid(
     x: np.ndarray,
     scale: np.ndarray,
     exponent_bitwidth: int,
@@ -177,11 +179,12 @@ def float_quant(
     saturation: bool = True,
     rounding_mode: str = "ROUND",
 ) -> np.ndarray:
-    """QONNX ``FloatQuant`` (SPEC 1.4): ``x/scale`` rounded to a signed minifloat, times ``scale``.
+    """The minifloat value ``q`` of QONNX ``FloatQuant`` (SPEC 1.4), before it is multiplied by ``scale``.
 
     Follows qonnx's ``float_quant`` step by step in float32: the step of ``t = x/scale`` is
     ``2^(max(floor(log2|t|), 1 - bias) - mantissa)`` (subnormals included), ``t`` is rounded
-    to that step, clamped to ``+-min(minifloat_max, max_val)``, and multiplied back. Where
+    to that step and clamped to ``+-min(minifloat_max, max_val)`` (:func:`float_quant` then
+    multiplies it back by ``scale``). Where
     qonnx finds ``floor(log2|t|)`` with a float32 ``log2`` (which lands in the next binade
     for ``t`` within an ulp below a power of two, visible with FLOOR/CEIL), this takes the
     exact exponent from ``frexp``. Without saturation, values rounded past the maximum
@@ -207,5 +210,25 @@ def float_quant(
             q = np.where(above | below, F32(np.nan), q)
         else:
             raise ValueError("FloatQuant with saturation=0 needs has_inf or has_nan to say what overflow becomes")
-    q = np.where(finite, q, F32(np.nan))
+    return np.where(finite, q, F32(np.nan)).astype(F32)
+
+
+def float_quant(
+    x: np.ndarray,
+    scale: np.ndarray,
+    exponent_bitwidth: int,
+    mantissa_bitwidth: int,
+    exponent_bias: int,
+    max_val: np.ndarray | float,
+    *,
+    has_inf: bool = False,
+    has_nan: bool = False,
+    saturation: bool = True,
+    rounding_mode: str = "ROUND",
+) -> np.ndarray:
+    """QONNX ``FloatQuant`` (SPEC 1.4): :func:`float_quant_grid` of ``x/scale``, times ``scale``."""
+    q = float_quant_grid(
+        x, scale, exponent_bitwidth, mantissa_bitwidth, exponent_bias, max_val,
+        has_inf=has_inf, has_nan=has_nan, saturation=saturation, rounding_mode=rounding_mode,
+    )
     return (q * _f32(scale)).astype(F32)

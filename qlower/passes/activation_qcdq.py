@@ -66,7 +66,9 @@ class ActivationQCDQ(QuantizerPass):
         return q.op == "Quant" and not q.is_constant_input and not q.is_bipolar
 
     def check(self, q: Quantizer, ctx: LoweringContext) -> str | None:
-        assert q.bit_width is not None
+        assert q.bit_width is not None and q.zero_point is not None
+        if not q.has_integer_width:
+            return f"{q.bit_width:g} bits give non-integer clamp bounds, which no integer container holds"
         if q.rounding_mode not in ("ROUND", "HALF_EVEN"):
             return f"rounding mode {q.rounding_mode} is not QuantizeLinear's round-half-to-even"
         if q.bit_width > 16:
@@ -75,6 +77,9 @@ class ActivationQCDQ(QuantizerPass):
             return f"{q.bit_width:g}-bit activations need int16 Q/DQ, which needs opset {INT16_OPSET} (output opset is {ctx.opset})"
         if np.any(q.zero_point != np.round(q.zero_point)):
             return "zero point is not an integer"
+        info = np.iinfo(_container(q))
+        if np.any(q.zero_point < info.min) or np.any(q.zero_point > info.max):
+            return f"zero point {float(np.max(np.abs(q.zero_point))):g} does not fit the {info.dtype} container"
         if q.input_rank is not None and max(q.scale.ndim, q.zero_point.ndim) > q.input_rank:
             return "scale or zero point has more dimensions than the input, so the output rank grows"
         fits, _ = per_axis_layout([q.scale, q.zero_point], q.input_rank)

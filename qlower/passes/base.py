@@ -78,6 +78,9 @@ class QuantizerPass(ABC):
     matches: ClassVar[str]
     emits: ClassVar[str]
     uses_float_path: ClassVar[bool] = False
+    # Only passes that read parameters as tensors may see a quantizer whose scale, zero
+    # point or bit width is computed at run time (its ``Quantizer`` fields are None).
+    takes_runtime_parameters: ClassVar[bool] = False
 
     @abstractmethod
     def applies_to(self, q: Quantizer) -> bool:
@@ -102,8 +105,12 @@ def run_pass(
         if not rule.applies_to(q):
             still_pending.append(q)
             continue
-        reason = rule.check(q, ctx)
         record = records[q.name]
+        if q.runtime and not rule.takes_runtime_parameters:
+            record.skipped.append((rule.name, f"{' and '.join(q.runtime)} computed at run time"))
+            still_pending.append(q)
+            continue
+        reason = rule.check(q, ctx)
         if reason is not None:
             record.skipped.append((rule.name, reason))
             still_pending.append(q)

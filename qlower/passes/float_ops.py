@@ -14,18 +14,43 @@ from .base import Emitter
 
 F32 = np.float32
 
+# A quantizer parameter: a constant known now, or a tensor computed at run time.
+Operand = np.ndarray | gs.Tensor
 
-def emit_scaled(em: Emitter, x: gs.Tensor, scale: np.ndarray, zero_point: np.ndarray) -> gs.Tensor:
-    """``x / scale + zero_point`` (the Add is left out when the zero point is all zeros)."""
-    t = em.node("Div", [x, em.constant("scale", scale.astype(F32))])
-    if np.any(zero_point):
-        t = em.node("Add", [t, em.constant("zero_point", zero_point.astype(F32))])
+
+def operand(em: Emitter, suffix: str, value: Operand) -> gs.Tensor:
+    """The parameter as a graph tensor: a new float32 constant, or the run-time tensor itself."""
+    return value if isinstance(value, gs.Tensor) else em.constant(suffix, np.asarray(value).astype(F32))
+
+
+def _is_zero(value: Operand) -> bool:
+    return not isinstance(value, gs.Tensor) and not np.any(value)
+
+
+def emit_scaled(em: Emitter, x: gs.Tensor, scale: Operand, zero_point: Operand) -> gs.Tensor:
+    """``x / scale + zero_point`` (the Add is left out when the zero point is a constant zero)."""
+    t = em.node("Div", [x, operand(em, "scale", scale)])
+    if not _is_zero(zero_point):
+        t = em.node("Add", [t, operand(em, "zero_point", zero_point)])
     return t
 
 
 def emit_clip(em: Emitter, t: gs.Tensor, low: float, high: float) -> gs.Tensor:
     """Float Clip with 0-d bounds; float32 rounding of the bounds matches ``np.clip``."""
     return em.node("Clip", [t, em.constant("clip_min", np.array(low, F32)), em.constant("clip_max", np.array(high, F32))])
+
+
+def _emit_signed(em: Emitter, t: gs.Tensor, magnitude: gs.Tensor) -> gs.Tensor:
+    """``copysign(magnitude, t)`` for ``magnitude >= 0``, keeping the sign of zeros as numpy does.
+
+    ``Sign(t) * magnitude`` would turn ``-0`` into ``+0``, and ONNX Runtime's Where returns
+    ``+0`` when it selects a ``-0`` from its first branch, so zeros come from the second
+    branch as ``t * 0`` (which is ``copysign(0, t)`` for a finite ``t``).
+    """
+    negative = em.node("Less", [t, em.constant("round_zero", np.array(0, F32))], dtype=np.bool_)
+    signed = em.node("Where", [negative, em.node("Neg", [magnitude]), magnitude])
+    non_zero = em.node("Greater", [magnitude, em.constant("zero_magnitude", np.array(0, F32))], dtype=np.bool_)
+    return em.node("Where", [non_zero, signed, em.node("Mul", [t, em.constant("signed_zero", np.array(0, F32))])])
 
 
 def _emit_half_away(em: Emitter, t: gs.Tensor, ties_away: bool) -> gs.Tensor:
@@ -37,13 +62,18 @@ def _emit_half_away(em: Emitter, t: gs.Tensor, ties_away: bool) -> gs.Tensor:
     compare = "GreaterOrEqual" if ties_away else "Greater"
     reaches_half = em.node(compare, [fraction, em.constant("half", np.array(0.5, F32))], dtype=np.bool_)
     bump = em.node("Cast", [reaches_half], {"to": 1})
-    rounded = em.node("Add", [whole, bump])
-    return em.node("Mul", [em.node("Sign", [t]), rounded])
+    return _emit_signed(em, t, em.node("Add", [whole, bump]))
 
 
-def _emit_away_or_toward_zero(em: Emitter, t: gs.Tensor, op: str) -> gs.Tensor:
-    magnitude = em.node(op, [em.node("Abs", [t])])
-    return em.node("Mul", [em.node("Sign", [t]), magnitude])
+def _emit_away_or_toward_zero(em: Emitter, t: gs.Tensor, away: bool) -> gs.Tensor:
+    # UP is Floor below zero and Ceil elsewhere; DOWN is Floor above zero and Ceil elsewhere.
+    # Floor and Ceil keep the sign of zero, and every zero result sits in Where's second
+    # branch (see _emit_signed).
+    if away:
+        negative = em.node("Less", [t, em.constant("round_zero", np.array(0, F32))], dtype=np.bool_)
+        return em.node("Where", [negative, em.node("Floor", [t]), em.node("Ceil", [t])])
+    positive = em.node("Greater", [t, em.constant("round_zero", np.array(0, F32))], dtype=np.bool_)
+    return em.node("Where", [positive, em.node("Floor", [t]), em.node("Ceil", [t])])
 
 
 def emit_rounding(em: Emitter, t: gs.Tensor, mode: str) -> gs.Tensor:
@@ -55,9 +85,9 @@ def emit_rounding(em: Emitter, t: gs.Tensor, mode: str) -> gs.Tensor:
     if mode == "CEIL":
         return em.node("Ceil", [t])
     if mode == "UP":
-        return _emit_away_or_toward_zero(em, t, "Ceil")
+        return _emit_away_or_toward_zero(em, t, away=True)
     if mode == "DOWN":
-        return _emit_away_or_toward_zero(em, t, "Floor")
+        return _emit_away_or_toward_zero(em, t, away=False)
     if mode == "HALF_UP":
         return _emit_half_away(em, t, ties_away=True)
     if mode == "HALF_DOWN":
@@ -65,8 +95,8 @@ def emit_rounding(em: Emitter, t: gs.Tensor, mode: str) -> gs.Tensor:
     raise ValueError(f"unknown rounding mode {mode}")
 
 
-def emit_dequantize(em: Emitter, q: gs.Tensor, scale: np.ndarray, zero_point: np.ndarray) -> gs.Tensor:
+def emit_dequantize(em: Emitter, q: gs.Tensor, scale: Operand, zero_point: Operand) -> gs.Tensor:
     """``(q - zero_point) * scale`` as the quantizer's final output."""
-    if np.any(zero_point):
-        q = em.node("Sub", [q, em.constant("zero_point_out", zero_point.astype(F32))])
-    return em.node("Mul", [q, em.constant("scale_out", scale.astype(F32))], final=True)
+    if not _is_zero(zero_point):
+        q = em.node("Sub", [q, operand(em, "zero_point_out", zero_point)])
+    return em.node("Mul", [q, operand(em, "scale_out", scale)], final=True)

@@ -45,8 +45,8 @@ def _reference(q: Quantizer) -> np.ndarray:
 
 
 def _needs_clip(q: Quantizer, container: type, ctx: LoweringContext) -> bool:
-    if container is np.int32 or q.is_bipolar or not ctx.profile.weight_range_clip:
-        return False
+    if container is np.int32 or q.is_bipolar or not ctx.profile.weight_range_clip or not q.has_integer_width:
+        return False  # (a non-integer width has no integer range for the Clip to mark)
     info = np.iinfo(container)
     return q.int_range != (int(info.min), int(info.max))
 

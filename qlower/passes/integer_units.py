@@ -132,6 +132,12 @@ def equal_zero_point(tensor: gs.Tensor) -> np.ndarray | None:
     return values[0].reshape(()) if np.all(values == values[0]) else None
 
 
+def _why_not_eight_bit(dtype: np.dtype) -> str:
+    if np.dtype(dtype).name.startswith("float8"):
+        return "not an integer: ONNX Runtime has no float8 QLinearConv/QLinearMatMul on CPU, so the unit stays QCDQ"
+    return "wider than 8 bits"
+
+
 def integer_activation(tensor: gs.Tensor, what: str) -> IntegerActivation:
     """``tensor`` as ``DequantizeLinear(q, s, zp)`` of a run-time 8-bit tensor with one zero point."""
     dq = producer(tensor)
@@ -147,7 +153,7 @@ def integer_activation(tensor: gs.Tensor, what: str) -> IntegerActivation:
     if zero_point is None:
         raise Refused(f"{what} has per-channel zero points that differ; integer operators take one zero point per activation")
     if zero_point.dtype not in EIGHT_BIT:
-        raise Refused(f"{what} is quantized to {zero_point.dtype}, wider than 8 bits")
+        raise Refused(f"{what} is quantized to {zero_point.dtype}, {_why_not_eight_bit(zero_point.dtype)}")
     scale = scalar_constant(params[0])
     if scale is not None:
         return IntegerActivation(values, scale.astype(F32), zero_point, dq)
@@ -280,7 +286,7 @@ def integer_weight(tensor: gs.Tensor) -> IntegerWeight:
         raise Refused("the weight is computed at run time; integer operators need a constant weight")
     values = np.asarray(stored.values)
     if values.dtype not in EIGHT_BIT:
-        raise Refused(f"the weight is stored as {values.dtype}: wider than 8 bits")
+        raise Refused(f"the weight is stored as {values.dtype}, {_why_not_eight_bit(values.dtype)}")
     # The Clip is Brevitas's range marker (a no-op on folded weights); applying it keeps
     # the graph's exact meaning whatever produced the integers.
     for index, bound in enumerate(bounds):

@@ -11,8 +11,11 @@ from .activation_qcdq import ActivationQCDQ
 from .base import GraphPass, QuantizerPass
 from .bias_accumulator_grid import BiasAccumulatorGrid
 from .bipolar_activation import BipolarActivation
+from .float8_activation import Float8Activation
+from .float_quant_float_path import FloatQuantFloatPath
 from .fold_constant_float import FoldConstantToFloat
 from .float_average_pool import FloatAveragePool
+from .fold_constant_float8 import FoldConstantFloat8
 from .fold_constant_quantizer import FoldConstantQuantizer
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
@@ -24,11 +27,14 @@ from .trunc_qdq import TruncUnitRatioQDQ
 
 _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
     FoldConstantQuantizer(),
+    FoldConstantFloat8(),
     ActivationQCDQ(),
+    Float8Activation(),
     BipolarActivation(),
     TruncUnitRatioQDQ(),
     TruncToFloatOps(),
     QuantFloatPath(),
+    FloatQuantFloatPath(),
     FoldConstantToFloat(),
 )
 

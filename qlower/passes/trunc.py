@@ -36,10 +36,10 @@ class TruncToFloatOps(QuantizerPass):
             assert q.out_scale is not None
             k = semantics.trunc_power_of_two(q.scale, q.out_scale)
             t = em.node("Div", [t, em.constant("trunc_scale", k)])
-            q_min, q_max = q.int_range
+            q_min, q_max = q.clamp_bounds
             t = emit_rounding(em, emit_clip(em, t, q_min, q_max), q.rounding_mode)
             emit_dequantize(em, t, q.out_scale, (q.zero_point / k).astype(F32))
-            return f"Trunc v2 as float ops (k={k.ravel()[0]:g}, range [{q_min},{q_max}], {q.rounding_mode})"
+            return f"Trunc v2 as float ops (k={k.ravel()[0]:g}, range [{q_min:g},{q_max:g}], {q.rounding_mode})"
         assert q.in_bit_width is not None and q.bit_width is not None
         shift = np.exp2(F32(q.in_bit_width) - F32(q.bit_width)).astype(F32)
         t = em.node("Div", [t, em.constant("trunc_shift", np.asarray(shift, F32))])

@@ -1,7 +1,9 @@
 """Regenerate the hostile-input corpus in this folder: ``python tests/hostile/make_corpus.py``.
 
 Every file is something qlower must refuse cleanly (one error line, exit code 2, no output
-file, no traceback). ``tests/test_hostile.py`` holds the table of what each file must raise
+file, no traceback). ``LOWERED`` builds inputs that once were refused but are valid QONNX
+and lowered now (run-time scale, zero point outside the range, 2.5 and 33 bits); they are
+not written as files, ``tests/test_hostile.py`` converts and verifies them. ``tests/test_hostile.py`` holds the table of what each file must raise
 and which node the message must name, and checks that this script reproduces the committed
 files byte for byte. Everything here is deterministic (fixed seeds, fixed names).
 """
@@ -256,6 +258,37 @@ def dynamic_scale() -> onnx.ModelProto:
     return _model([node], [_init("z", 0.0), _init("b", 4.0)], inputs=inputs)
 
 
+def trunc_dynamic_scale() -> onnx.ModelProto:
+    """Valid QONNX that qlower does not lower: a Trunc whose scale is computed at run time."""
+    node = helper.make_node(
+        "Trunc", ["x", "s", "z", "ib", "os", "ob"], ["y"], name="dynamic_trunc", domain=QONNX, rounding_mode="FLOOR"
+    )
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]), helper.make_tensor_value_info("s", TensorProto.FLOAT, [])]
+    return _model([node], [_init("z", 0.0), _init("ib", 8.0), _init("os", 1.0), _init("ob", 4.0)], inputs=inputs, qonnx_version=2)
+
+
+# ---- FloatQuant parameters outside the contract --------------------------------------------
+
+
+def _float_quant_model(exponent: float = 4.0, mantissa: float = 3.0, bias: float = 7.0, max_val: float = 448.0, **attrs: object) -> onnx.ModelProto:
+    node = helper.make_node("FloatQuant", ["x", "s", "e", "m", "b", "mx"], ["y"], name="float_quant", domain=QONNX, **attrs)
+    inits = [_init("s", 0.1), _init("e", exponent), _init("m", mantissa), _init("b", bias), _init("mx", max_val)]
+    return _model([node], inits)
+
+
+def float_quant_overflow_undefined() -> onnx.ModelProto:
+    """saturation=0 with neither has_inf nor has_nan: nothing says what an overflow becomes."""
+    return _float_quant_model(saturation=0, has_inf=0, has_nan=0)
+
+
+def float_quant_mantissa_2_5() -> onnx.ModelProto:
+    return _float_quant_model(mantissa=2.5)
+
+
+def float_quant_max_val_0() -> onnx.ModelProto:
+    return _float_quant_model(max_val=0.0)
+
+
 # ---- Trunc versions ---------------------------------------------------------------------
 
 
@@ -360,11 +393,8 @@ CORPUS: dict[str, Callable[[], bytes | onnx.ModelProto]] = {
     "quant_negative_scale.onnx": quant_negative_scale,
     "quant_empty_scale.onnx": quant_empty_scale,
     "quant_bitwidth_0.onnx": quant_bitwidth_0,
-    "quant_bitwidth_33.onnx": quant_bitwidth_33,
-    "quant_bitwidth_2_5.onnx": quant_bitwidth_2_5,
     "quant_bitwidth_nan.onnx": quant_bitwidth_nan,
     "quant_bitwidth_vector.onnx": quant_bitwidth_vector,
-    "quant_zero_point_out_of_range.onnx": quant_zero_point_out_of_range,
     "quant_zero_point_nan.onnx": quant_zero_point_nan,
     "quant_scale_wrong_rank.onnx": quant_scale_wrong_rank,
     "quant_scale_wrong_channels.onnx": quant_scale_wrong_channels,
@@ -372,7 +402,10 @@ CORPUS: dict[str, Callable[[], bytes | onnx.ModelProto]] = {
     "quant_missing_inputs.onnx": quant_missing_inputs,
     "bipolar_negative_scale.onnx": bipolar_negative_scale,
     "weight_quant_zero_scale.onnx": weight_quant_zero_scale,
-    "dynamic_scale.onnx": dynamic_scale,
+    "trunc_dynamic_scale.onnx": trunc_dynamic_scale,
+    "float_quant_overflow_undefined.onnx": float_quant_overflow_undefined,
+    "float_quant_mantissa_2_5.onnx": float_quant_mantissa_2_5,
+    "float_quant_max_val_0.onnx": float_quant_max_val_0,
     "trunc_v1_declared_v2.onnx": trunc_v1_declared_v2,
     "trunc_v2_declared_v1.onnx": trunc_v2_declared_v1,
     "trunc_four_inputs.onnx": trunc_four_inputs,
@@ -384,6 +417,15 @@ CORPUS: dict[str, Callable[[], bytes | onnx.ModelProto]] = {
     "opset_too_new.onnx": opset_too_new,
     "unknown_qonnx_op.onnx": unknown_qonnx_op,
     "control_flow.onnx": control_flow,
+}
+
+
+# Valid QONNX that older qlower refused; lowered and verified now (not written as files).
+LOWERED: dict[str, Callable[[], onnx.ModelProto]] = {
+    "dynamic_scale": dynamic_scale,
+    "quant_bitwidth_2_5": quant_bitwidth_2_5,
+    "quant_bitwidth_33": quant_bitwidth_33,
+    "quant_zero_point_out_of_range": quant_zero_point_out_of_range,
 }
 
 
