@@ -242,6 +242,7 @@ def convert_command(
     runtime: str = typer.Option("onnxruntime", "--runtime", help=f"Verify on this runtime: {', '.join(RUNTIMES)} (openvino: pip install 'qlower[openvino]')."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Write the per-node report as JSON ('-' for stdout)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse (exit 2) any quantizer that would take the exact float path."),
 ) -> None:
     """Lower MODEL to standard ONNX; verify it; write it only if everything holds."""
     try:
@@ -256,7 +257,7 @@ def convert_command(
             model, to, target_path, report_path, console, quiet, opset=opset, profile=profile, verify_result=not no_verify, inputs=inputs,
             batches=batches, seed=seed, tolerance_lsb=tolerance_lsb, check_optimized=check_optimized,
             x86_without_vnni=x86_without_vnni,
-            runtime=runtime,
+            runtime=runtime, strict=strict,
         )
 
 

@@ -54,6 +54,11 @@ class ConversionReport:
     def float_path_nodes(self) -> list[str]:
         return [r.node for r in self.quantizers if r.float_path]
 
+    @property
+    def float_path(self) -> list[dict[str, object]]:
+        """Each float-path quantizer with why no integer form took it."""
+        return [{"node": r.node, "op": r.op, "lowered_by": r.lowered_by, "reason": float_path_reason(r)} for r in self.quantizers if r.float_path]
+
     def to_dict(self) -> dict[str, object]:
         return {
             **header("convert"),
@@ -66,6 +71,7 @@ class ConversionReport:
             "quantizers": [r.to_dict() for r in self.quantizers],
             "units": self.unit_records,
             "float_path_nodes": self.float_path_nodes,
+            "float_path": self.float_path,
             "verification": self.verification.to_dict() if self.verification else None,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
@@ -75,6 +81,22 @@ class ConversionReport:
 class ConversionResult:
     model: onnx.ModelProto
     report: ConversionReport
+
+
+def float_path_reason(record: QuantizerRecord) -> str:
+    """Why a quantizer took the float path: the integer passes' refusals, in order."""
+    if record.skipped:
+        return "; ".join(f"{name}: {reason}" for name, reason in record.skipped)
+    return f"no integer form exists for {record.op}"
+
+
+def _refuse_float_path(records: list[QuantizerRecord]) -> None:
+    first = next((r for r in records if r.float_path), None)
+    if first is not None:
+        raise UnsupportedError(
+            f"--strict: this {first.op} would take the exact float path, not an integer container ({float_path_reason(first)})",
+            first.node,
+        )
 
 
 def _float8_opset(model: onnx.ModelProto) -> int:
@@ -180,12 +202,16 @@ def convert(
     profile: str | Profile = "portable",
     runtime: str = "onnxruntime",
     progress: Progress | None = None,
+    strict: bool = False,
 ) -> ConversionResult:
     """Lower a QONNX model to ``to`` ("qcdq" or "qop"), verify it, optionally save it.
 
     ``profile`` names the runtime the QCDQ layout is tuned for (``qlower.profiles``):
     "portable" (Brevitas's layout, the default), "ort" or "openvino" (qcdq only). Every
     profile computes the same values; the report records which one was used.
+
+    ``strict`` refuses (UnsupportedError, naming the node) any quantizer that would take
+    the exact float path (SPEC 3.6), for deployments that require integer containers.
 
     ``check_optimized`` False verifies at ``ORT_DISABLE_ALL`` only (for deployments that
     do not run ONNX Runtime's graph optimizations, or to set aside ORT's own rewrites).
@@ -229,6 +255,8 @@ def convert(
     start = time.perf_counter()
     ctx = LoweringContext(graph=graph, opset=output_opset, target=to, x86_without_vnni=x86_without_vnni, profile=policy)
     quantizer_records = _lower(graph, quantizer_passes_for(to), ctx, progress)
+    if strict:
+        _refuse_float_path(quantizer_records)
     progress.stage("fusing units and checking the result")
     unit_records = [record.to_dict() for rule in graph_passes_for(to) for record in run_graph_pass(rule, ctx)]
     lowered = _finish(graph, normalized)

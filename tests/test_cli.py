@@ -91,12 +91,36 @@ def test_zero_scale_names_the_node(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_dynamic_scale_names_the_node(tmp_path: Path) -> None:
+def test_dynamic_scale_converts_and_strict_refuses_it_naming_the_node(tmp_path: Path) -> None:
     model = tmp_path / "dynamic_scale.onnx"
     onnx.save(single_quant_model(0.1, scale_is_input=True), str(model))
-    out = tmp_path / "out.onnx"
-    assert_refused(qlower_cli("convert", str(model), "-o", str(out)), "UnsupportedError", "act_quant", "run time")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = qlower_cli("convert", str(model), "-o", str(out), "--report", str(report), "-q")
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(report.read_text())["float_path"]
+    assert entry["node"] == "act_quant" and "scale computed at run time" in entry["reason"]
+    out.unlink()
+    assert_refused(qlower_cli("convert", str(model), "-o", str(out), "--strict"), "UnsupportedError", "act_quant", "--strict", "run time")
     assert not out.exists()
+
+
+def test_strict_refuses_an_out_of_range_zero_point_only_when_it_needs_the_float_path(tmp_path: Path) -> None:
+    """Zero point 300 on an 8-bit activation: no int8 container holds it, so the float path;
+    zero point 2 on a 2-bit narrow range fits int8 and passes --strict."""
+    for zero_point, refused in ((300.0, True), (2.0, False)):
+        inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s", 0.1), ("z", zero_point), ("b", 8.0 if refused else 2.0))]
+        node = helper.make_node("Quant", ["x", "s", "z", "b"], ["y"], name="act_quant", domain="qonnx.custom_op.general", signed=1, narrow=1)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+        path = tmp_path / f"zp_{zero_point:g}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]), str(path))
+        out = tmp_path / f"zp_{zero_point:g}.out.onnx"
+        proc = qlower_cli("convert", str(path), "-o", str(out), "--strict", "-q")
+        if refused:
+            assert_refused(proc, "UnsupportedError", "act_quant", "--strict", "does not fit")
+            assert not out.exists()
+        else:
+            assert proc.returncode == 0, proc.stderr
 
 
 def test_trunc_version_contradiction(tmp_path: Path) -> None:

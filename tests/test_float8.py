@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import qlower
+from qlower.errors import UnsupportedError
 from qlower import semantics
 from qlower.semantics import ROUNDING_MODES
 
 from helpers import make_qonnx_model
+from paths import BREVITAS_DIR
 
 F32 = np.float32
 E4M3 = (TensorProto.FLOAT8E4M3FN, 4, 3, 7, 448.0)
@@ -230,3 +232,41 @@ def test_float_path_is_bit_identical_to_float_quant(case: tuple[list[object], di
         with np.errstate(all="ignore"):
             mismatch &= np.isfinite(x / F32(scale))
     assert not mismatch.any(), (x[mismatch][:5], got[mismatch][:5], expected[mismatch][:5])
+
+
+FP8_FIXTURES = ["fp8_e4m3_linear_bias", "fp8_e4m3_conv", "fp8_e5m2_linear", "fp8_e5m2_conv_bias"]
+
+
+@pytest.mark.parametrize("to", ["qcdq", "qop"])
+@pytest.mark.parametrize("name", FP8_FIXTURES)
+def test_brevitas_fp8_exports_lower_to_float8_qdq_bit_identically(name: str, to: str) -> None:
+    """Brevitas 0.13.4 OCP FP8 exports (its own QCDQ export refuses them): float8 Q/DQ,
+    loadable in ONNX Runtime, bit-identical at ORT_DISABLE_ALL on the fixture's input and
+    on random inputs."""
+    path = BREVITAS_DIR / f"{name}.qonnx.onnx"
+    x = np.load(BREVITAS_DIR / f"{name}.input.npy")
+    original = onnx.load(path)
+    feeds = [{original.graph.input[0].name: x}]
+    for inputs in (feeds, None):
+        result = qlower.convert(path, to, inputs=inputs)
+        verification = result.report.verification
+        assert verification is not None and verification.passed
+        assert all(row.max_abs_diff == 0 for row in verification.outputs if row.level == "ORT_DISABLE_ALL")
+    expected = TensorProto.FLOAT8E4M3FN if "e4m3" in name else TensorProto.FLOAT8E5M2
+    model = result.model
+    float8 = {t.name for t in model.graph.initializer if t.data_type == expected}
+    ops = [(n.op_type, n.input[2] in float8) for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert ops.count(("QuantizeLinear", True)) == 2 and ops.count(("DequantizeLinear", True)) == 3
+    assert all(is_float8 for _, is_float8 in ops)
+    assert [q.lowered_by for q in result.report.quantizers].count("fold_constant_float8") == 1
+    session(model)  # loads in ONNX Runtime
+
+
+def test_strict_accepts_float8_qdq_and_refuses_other_minifloats() -> None:
+    assert convert_one([0.37, 4, 3, 7, 448.0], strict=True).report.float_path == []
+    with pytest.raises(UnsupportedError) as info:
+        convert_one([0.05, 3, 2, 3, 28.0], strict=True)
+    assert info.value.node == "FloatQuant_0" and "--strict" in str(info.value) and "e3m2" in str(info.value)
+    report = convert_one([0.05, 3, 2, 3, 28.0]).report
+    assert [entry["node"] for entry in report.float_path] == ["FloatQuant_0"]
+    assert "not a saturating ONNX float8 type" in str(report.float_path[0]["reason"])
