@@ -141,8 +141,8 @@ def _constant(node: gs.Node, index: int, what: str) -> np.ndarray:
     tensor = _input(node, index, what)
     if not isinstance(tensor, gs.Constant):
         raise UnsupportedError(
-            f"{what} ({tensor.name!r}) is computed at run time; qlower lowers run-time scales, zero points "
-            f"and bit widths of Quant and FloatQuant only",
+            f"{what} ({tensor.name!r}) is computed at run time; qlower lowers a Quant's run-time scale, zero "
+            f"point and bit width and a FloatQuant's run-time scale, not this",
             node.name,
         )
     return np.asarray(tensor.values, dtype=np.float32)

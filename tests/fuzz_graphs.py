@@ -4,13 +4,19 @@
 small DAG of Conv / ConvTranspose / MatMul / Gemm / Add / Concat / Relu / MaxPool /
 AveragePool / Reshape / Transpose), explicit inputs that sit on exact rounding ties of the
 first quantizer, and the output opset to ask for. Quantizers (Quant, BipolarQuant, Trunc
-v1/v2) sit on activations, weights and biases with:
+v1/v2, FloatQuant) sit on activations, weights and biases with:
 
 * integer bit widths 1..32, signed / unsigned, narrow or not;
 * per-tensor and per-channel scales on the right axis for each op, including awkward
   values (1/3, 0.1, 17) and values near the float32 subnormal range (always positive
   normal floats);
-* integer zero points, odd and negative ones included, always inside the integer range;
+* integer zero points, odd and negative ones included, sometimes just outside the integer
+  range (valid QONNX) except on Brevitas-style units;
+* FloatQuant: the OCP FP8 formats (e4m3 with NaN, e5m2 with inf and NaN, as Brevitas
+  exports them) and other minifloats (1..6 exponent bits, 0..5 mantissa bits, biases and
+  maxima on and off the format's own), saturating or not, on activations and weights;
+* Quants with a scale computed at run time (``ReduceMax(|x|) * c + eps``), sometimes a
+  run-time bit width too;
 * every rounding mode, in any letter case;
 * every QONNX domain spelling, the ``IntQuant`` alias, opsets 11..21 (and ``opset=21`` on
   convert), IR 6..10, optional shape information, an optional symbolic batch dimension,
@@ -137,12 +143,16 @@ class _Builder:
         values = np.maximum(values.astype(F32), F32(F32_TINY))
         return values.reshape(shape)
 
-    def zero_point_values(self, shape: tuple[int, ...], q_min: int, q_max: int) -> np.ndarray:
-        """Integer zero points inside ``[q_min, q_max]``, exactly representable in float32."""
+    def zero_point_values(self, shape: tuple[int, ...], q_min: int, q_max: int, outside: bool = False) -> np.ndarray:
+        """Integer zero points inside ``[q_min, q_max]`` (or, with ``outside``, sometimes just
+        outside it: valid QONNX), exactly representable in float32."""
         lo, hi = max(q_min, -(2**24)), min(q_max, 2**24)
-        style = _pick(self.draw, [(5, "zero"), (3, "small"), (2, "edge"), (2, "any")])
+        style = _pick(self.draw, [(5, "zero"), (3, "small"), (2, "edge"), (2, "any"), (1 if outside else 0, "outside")])
         count = int(np.prod(shape)) if shape else 1
-        if style == "zero":
+        if style == "outside":
+            beyond = self.rng.integers(1, 4, size=count)
+            values = np.where(self.rng.random(count) < 0.5, hi + beyond, lo - beyond)
+        elif style == "zero":
             values = np.zeros(count)
         elif style == "small":
             if count == 1:
@@ -207,7 +217,7 @@ class _Builder:
             zp = np.zeros((), F32)
         else:
             zp_shape = shape if (shape and self.draw(st.booleans())) else ()
-            zp = self.zero_point_values(zp_shape, q_min, q_max)
+            zp = self.zero_point_values(zp_shape, q_min, q_max, outside=not unit_friendly)
         op = "IntQuant" if self.draw(st.integers(0, 9)) == 0 else "Quant"
         attrs = {"signed": int(signed), "narrow": int(narrow)}
         if mode != "ROUND" or self.draw(st.booleans()):
@@ -221,6 +231,67 @@ class _Builder:
         if role == "activation" and self.first_quantizer is None:
             self.first_quantizer = {"x": x.name, "kind": "quant", "scale": scale, "zp": zp, "range": (q_min, q_max), "bits": bits}
         return _Tensor(out, x.shape, (scale, zp) if not (signed and bits == 1) else None)
+
+    def runtime_quant(self, x: _Tensor) -> _Tensor:
+        """A Quant whose scale (and sometimes bit width) is computed in the graph, as dynamic
+        quantization does: ``scale = ReduceMax(|x|) * c + eps``, ``bits = Size(x) * 0 + b``."""
+        bits = self.draw(st.integers(2, 8))
+        signed = self.draw(st.booleans())
+        narrow = _pick(self.draw, [(3, False), (1, True)])
+        mode = self.rounding_mode(prefer_round=True)
+        peak = self.node("ReduceMax", [self.node("Abs", [x.name])], keepdims=0)
+        factor = F32(1.0 / 2 ** (bits - 1)) * F32(self.draw(st.sampled_from([1.0, 0.7, 1.3])))
+        scale = self.node("Add", [self.node("Mul", [peak, self.const("scale_factor", np.array(factor, F32))]), self.const("scale_floor", np.array(1e-3, F32))])
+        q_min, q_max = int_range(signed, narrow, bits)
+        zp = self.zero_point_values((), q_min, q_max, outside=True)
+        runtime_bits = self.draw(st.booleans())
+        if runtime_bits:
+            size = self.node("Cast", [self.node("Size", [x.name])], to=TensorProto.FLOAT)
+            bit_width = self.node("Add", [self.node("Mul", [size, self.const("zero", np.array(0, F32))]), self.const("bits", np.array(bits, F32))])
+        else:
+            bit_width = self.const("bit_width", np.array(bits, F32))
+        inputs = [x.name, scale, self.const("zero_point", zp), bit_width]
+        out = self.node("Quant", inputs, domain=self.domain, signed=int(signed), narrow=int(narrow), rounding_mode=mode)
+        self.note(
+            f"{self.nodes[-1].name}: Quant on {x.name}{list(x.shape)} with a run-time scale (ReduceMax(|x|) * {factor:g} + 1e-3)"
+            f"{' and run-time bit width' if runtime_bits else ''} bits={bits} signed={int(signed)} narrow={int(narrow)} mode={mode} zp={_brief(zp)}"
+        )
+        return _Tensor(out, x.shape)
+
+    def float_quant(self, x: _Tensor, *, role: str, channel_axis: int | None) -> _Tensor:
+        """A FloatQuant: OCP FP8 (e4m3 / e5m2, as Brevitas exports them) or another minifloat."""
+        kind = _pick(self.draw, [(3, "e4m3"), (2, "e5m2"), (3, "other")])
+        attrs: dict[str, object] = {}
+        if kind == "e4m3":
+            exponent, mantissa, bias, max_val = 4, 3, 7, 448.0
+            attrs["has_nan"] = 1
+        elif kind == "e5m2":
+            exponent, mantissa, bias, max_val = 5, 2, 15, 57344.0
+            attrs.update(has_inf=1, has_nan=1)
+        else:
+            exponent, mantissa = self.draw(st.integers(1, 6)), self.draw(st.integers(0, 5))
+            bias = self.draw(st.integers(-2, 2 ** (exponent - 1) + 2))
+            top = (2.0 - 2.0**-mantissa) * 2.0 ** (2**exponent - 1 - bias)
+            max_val = float(F32(_pick(self.draw, [(3, top), (1, top / 3), (1, top * 2)])))
+        if self.draw(st.integers(0, 4)) == 0:
+            attrs["saturation"] = 0
+            attrs.setdefault(self.draw(st.sampled_from(["has_inf", "has_nan"])), 1)
+        mode = self.rounding_mode(prefer_round=True)
+        if mode != "ROUND" or self.draw(st.booleans()):
+            attrs["rounding_mode"] = mode
+        per_channel = channel_axis is not None and _pick(self.draw, [(2, False), (1, True)])
+        shape = self.param_shape(x.shape, channel_axis, "channel") if per_channel else ()
+        count = int(np.prod(shape)) if shape else 1
+        scale = (10.0 ** self.rng.uniform(-3, 0.5, size=count)).astype(F32).reshape(shape)
+        params = [(name, np.array(value, F32)) for name, value in
+                  (("exponent_bitwidth", exponent), ("mantissa_bitwidth", mantissa), ("exponent_bias", bias), ("max_val", max_val))]
+        inputs = [x.name, self.const("scale", scale), *(self.const(name, value) for name, value in params)]
+        out = self.node("FloatQuant", inputs, domain=self.domain, **attrs)
+        self.note(
+            f"{self.nodes[-1].name}: FloatQuant on {role} {x.name}{list(x.shape)} e{exponent}m{mantissa} bias={bias} "
+            f"max={max_val:g} {attrs} scale={_brief(scale)}"
+        )
+        return _Tensor(out, x.shape)
 
     def bipolar(self, x: _Tensor, *, role: str, channel_axis: int | None) -> _Tensor:
         per_channel = channel_axis is not None and self.draw(st.booleans())
@@ -270,9 +341,13 @@ class _Builder:
         axis = 1 if len(x.shape) >= 2 else None
         if unit_friendly:
             return self.quant(x, role="activation", channel_axis=None, unit_friendly=True)
-        kind = _pick(self.draw, [(7, "quant"), (1, "bipolar"), (2, "trunc")])
+        kind = _pick(self.draw, [(7, "quant"), (1, "bipolar"), (2, "trunc"), (2, "float"), (1, "runtime")])
         if kind == "quant":
             return self.quant(x, role="activation", channel_axis=axis)
+        if kind == "float":
+            return self.float_quant(x, role="activation", channel_axis=axis)
+        if kind == "runtime":
+            return self.runtime_quant(x)
         if kind == "bipolar":
             return self.bipolar(x, role="activation", channel_axis=axis)
         version = self.draw(st.sampled_from(sorted(self.trunc_versions) or [1, 2]))
@@ -282,8 +357,10 @@ class _Builder:
         """A weight initializer, usually quantized; returns (tensor name, per-tensor-or-channel scale or None)."""
         values = self.rng.normal(0, 0.5, size=shape).astype(F32)
         name = self.const("weight", values)
-        kind = "quant" if unit_friendly else _pick(self.draw, [(7, "quant"), (1, "bipolar"), (1, "float"), (1, "trunc")])
+        kind = "quant" if unit_friendly else _pick(self.draw, [(7, "quant"), (1, "bipolar"), (1, "float"), (1, "trunc"), (1, "float_quant")])
         w = _Tensor(name, shape)
+        if kind == "float_quant":
+            return self.float_quant(w, role="weight", channel_axis=channel_axis).name, None
         if kind == "float":
             self.note(f"{name}: float weight {list(shape)}")
             return name, None

@@ -103,7 +103,9 @@ def _save_failure(case: FuzzCase, target: str, why: str) -> None:
 KNOWN_ISSUES = {
     "nan-into-integer-quantizer": (
         "a NaN reaching a Q/DQ quantizer (inf - inf upstream, e.g. a Trunc with a tiny scale and no "
-        "clamp) stays NaN in QONNX but becomes an integer in QuantizeLinear (documented limitation)"
+        "clamp) stays NaN in QONNX but becomes an integer in QuantizeLinear (documented limitation); "
+        "likewise an infinity reaching a saturating float8 QuantizeLinear (e.g. from a FloatQuant "
+        "without saturation upstream) is NaN in QONNX and +-max there (qlower.float8)"
     ),
     "qop-lsb-propagation": (
         "a QLinear unit legitimately differs by one LSB at a rounding tie, and later units or float "
