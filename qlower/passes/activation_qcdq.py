@@ -49,7 +49,7 @@ def _container(q: Quantizer, signed_shift: int) -> tuple[type, int]:
 
 def _foldable_relu(q: Quantizer, ctx: LoweringContext) -> gs.Node | None:
     """The Relu feeding ``q`` that its integer Clip can absorb, if the profile folds Relus."""
-    if not ctx.profile.fold_relu_into_clip or q.zero_point.size != 1 or not q.x.inputs:
+    if not ctx.profile.fold_relu_into_clip or q.zero_point.size != 1 or not q.zero_point_in_range or not q.x.inputs:
         return None
     relu = q.x.inputs[0]
     if relu.op != "Relu" or len(q.x.outputs) != 1 or q.x in ctx.graph.outputs:
@@ -77,9 +77,10 @@ class ActivationQCDQ(QuantizerPass):
             return f"{q.bit_width:g}-bit activations need int16 Q/DQ, which needs opset {INT16_OPSET} (output opset is {ctx.opset})"
         if np.any(q.zero_point != np.round(q.zero_point)):
             return "zero point is not an integer"
-        info = np.iinfo(_container(q))
-        if np.any(q.zero_point < info.min) or np.any(q.zero_point > info.max):
-            return f"zero point {float(np.max(np.abs(q.zero_point))):g} does not fit the {info.dtype} container"
+        container, shift = _container(q, ctx.profile.signed_activation_shift)
+        info, stored = np.iinfo(container), q.zero_point + shift
+        if np.any(stored < info.min) or np.any(stored > info.max):
+            return f"zero point {float(q.zero_point[(stored < info.min) | (stored > info.max)].ravel()[0]):g} does not fit the {info.dtype} container"
         if q.input_rank is not None and max(q.scale.ndim, q.zero_point.ndim) > q.input_rank:
             return "scale or zero point has more dimensions than the input, so the output rank grows"
         fits, _ = per_axis_layout([q.scale, q.zero_point], q.input_rank)
