@@ -129,3 +129,25 @@ def test_zero_points_outside_the_range_lower_exactly(zero_point: float, bits: fl
     verification = result.report.verification
     assert verification is not None and verification.passed
     assert all(row.max_abs_diff == 0 for row in verification.outputs if row.level == "ORT_DISABLE_ALL")
+
+
+def test_qop_unit_with_relu_and_a_zero_point_above_the_range_stays_qcdq() -> None:
+    """Reduced from the fuzz campaign: MatMul -> Relu -> unsigned 2-bit Quant with zero
+    point 5 (range [0, 3]): every output saturates, the requantization range is empty, and
+    the unit must be left as QCDQ (it crashed the exact-unit search)."""
+    weight = np.array([[0.7]], F32)
+    nodes = [
+        helper.make_node("Quant", ["x", "s", "z0", "b"], ["xq"], name="act", domain=QONNX, signed=0, narrow=0),
+        helper.make_node("Quant", ["w", "s", "z0", "b"], ["wq"], name="weight", domain=QONNX, signed=1, narrow=0),
+        helper.make_node("MatMul", ["xq", "wq"], ["m"], name="mm"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Quant", ["r", "s", "z5", "b"], ["y"], name="out", domain=QONNX, signed=0, narrow=0),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(v, F32), n) for n, v in (("s", 1 / 3), ("z0", 0.0), ("z5", 5.0), ("b", 2.0), ("w", weight))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX, 1)])
+    model.ir_version = 8
+    result = qlower.convert(model, "qop")
+    assert any("stays QCDQ" in str(unit["reason"]) for unit in result.report.unit_records)
+    assert result.report.verification is not None and result.report.verification.passed

@@ -189,6 +189,11 @@ def match_unit_output(graph: gs.Graph, result: gs.Tensor, accumulator_scale: np.
             "decides outputs at that resolution"
         )
     low, high = _output_range(graph, out, relu is not None)
+    if low > high:
+        raise Refused(
+            "the Relu's zero floor lies above the output range (a zero point outside the integer range, valid "
+            "QONNX): every output is the top of the range, so the unit stays QCDQ"
+        )
     return UnitOutput(affine, relu, out, multiplier, offset, low, high)
 
 
