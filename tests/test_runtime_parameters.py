@@ -151,3 +151,15 @@ def test_qop_unit_with_relu_and_a_zero_point_above_the_range_stays_qcdq() -> Non
     result = qlower.convert(model, "qop")
     assert any("stays QCDQ" in str(unit["reason"]) for unit in result.report.unit_records)
     assert result.report.verification is not None and result.report.verification.passed
+
+
+@pytest.mark.parametrize("profile", ["portable", "openvino"])
+def test_trunc_with_a_non_integer_output_width_takes_the_float_ops(profile: str) -> None:
+    """Trunc v2, unit scale ratio, 2.5 output bits: the Q/DQ form some profiles use needs an
+    integer range, so it passes and the exact float ops lower it."""
+    params = {"s": np.array(0.25), "z": np.array(0.0), "ib": np.array(8.0), "os": np.array(0.25), "ob": np.array(2.5)}
+    model = runtime_model("Trunc", params, {"rounding_mode": "FLOOR", "signed": 1, "narrow": 0})
+    model.opset_import[1].version = 2
+    result = qlower.convert(model, profile=profile)
+    assert result.report.quantizers[0].lowered_by == "trunc_float_ops"
+    assert result.report.verification is not None and result.report.verification.passed

@@ -43,6 +43,8 @@ class TruncUnitRatioQDQ(QuantizerPass):
             return "the scale ratio does not snap to 1"
         if q.bit_width > 8:
             return f"{q.bit_width:g} output bits exceed an 8-bit container"
+        if not q.has_integer_width:
+            return f"{q.bit_width:g} output bits give non-integer clamp bounds"
         if q.zero_point != np.round(q.zero_point):
             return "zero point is not an integer"
         q_min, q_max = q.int_range
