@@ -364,6 +364,7 @@ class ReferenceExecutor:
         *,
         perturb: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
         keep: Sequence[str] = (),
+        replace: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Execute the model on ``feeds`` (one array per real input); return every graph output.
 
@@ -371,22 +372,29 @@ class ReferenceExecutor:
         before anything reads it: the verifier uses it to measure how far a step of an
         upstream quantizer moves an output that has no grid of its own. ``keep`` names
         internal tensors to return too (the verifier's taps: QONNX node outputs are always
-        computed here); those the run did not compute are left out.
+        computed here); those the run did not compute are left out. ``replace`` is like
+        ``perturb`` but ``keep`` returns the value computed, not the one the nodes after it
+        read (the verifier's unit-local reference: each tap recorded, then replaced by the
+        lowered model's value).
         """
         missing = [name for name in self._input_names if name not in feeds]
         if missing:
             raise ValueError(f"no value given for model input(s) {', '.join(map(repr, missing))}")
         env: dict[str, np.ndarray] = dict(self._constants)
         env.update({name: np.asarray(feeds[name]) for name in self._input_names})
+        computed: dict[str, np.ndarray] = {}
         for step in self._steps:
             step.run(env)
             if perturb and isinstance(step, _QonnxStep) and step.output in perturb:
                 env[step.output] = perturb[step.output](env[step.output])
+            if replace and isinstance(step, _QonnxStep) and step.output in replace:
+                computed[step.output] = env[step.output]
+                env[step.output] = replace[step.output](env[step.output])
         for name in self._releasable:
             del self._constants[name]
         self._releasable = ()
         results = {name: np.array(env[name]) for name in self._output_names}
-        results.update({name: np.array(env[name]) for name in keep if name in env and name not in results})
+        results.update({name: np.array(computed.get(name, env.get(name))) for name in keep if name in env and name not in results})
         return results
 
     # -- planning -----------------------------------------------------------------------

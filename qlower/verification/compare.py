@@ -52,7 +52,10 @@ class InternalRecord:
     ``tensor`` is the quantizer output's name in the original, ``node`` that quantizer,
     ``lowered_tensor`` what was read in the lowered model (an integer tensor dequantized
     with its recorded scale and zero point, or the float tensor itself). Differences are
-    in steps of that quantizer (``max_lsb_diff``).
+    in steps of that quantizer (``max_lsb_diff``) and, where a tolerance applies, against
+    the tap's unit-local reference: what the reference computes for it from the lowered
+    model's values of the taps upstream. ``end_to_end_*`` compare it with the reference
+    run on the inputs alone (information: rounding ties upstream grow downstream).
     """
 
     tensor: str
@@ -63,6 +66,8 @@ class InternalRecord:
     max_lsb_diff: float
     differing: int
     elements: int
+    end_to_end_max_lsb_diff: float
+    end_to_end_differing: int
     rule: str
     passed: bool
     note: str | None = None
@@ -71,13 +76,19 @@ class InternalRecord:
     def differing_share(self) -> float:
         return self.differing / self.elements if self.elements else 0.0
 
+    @property
+    def end_to_end_share(self) -> float:
+        return self.end_to_end_differing / self.elements if self.elements else 0.0
+
     def amount(self) -> str:
         if self.note:
             return self.note
         return f"{self.differing} of {self.elements} elements differ (max |diff| {self.max_abs_diff:g}, {self.max_lsb_diff:g} LSB)"
 
     def to_dict(self) -> dict[str, object]:
-        return {key: _json_number(value) for key, value in self.__dict__.items()} | {"differing_share": self.differing_share}
+        return {key: _json_number(value) for key, value in self.__dict__.items()} | {
+            "differing_share": self.differing_share, "end_to_end_share": self.end_to_end_share,
+        }
 
 
 def internal_summary(records: list[InternalRecord], level: str) -> dict[str, object]:
@@ -86,6 +97,8 @@ def internal_summary(records: list[InternalRecord], level: str) -> dict[str, obj
     elements = sum(record.elements for record in at_level)
     differing = sum(record.differing for record in at_level)
     worst = max(at_level, key=lambda record: (record.max_lsb_diff, record.differing), default=None)
+    drift = max(at_level, key=lambda record: (record.end_to_end_max_lsb_diff, record.end_to_end_differing), default=None)
+    drifting = sum(record.end_to_end_differing for record in at_level)
     return {
         "level": level,
         "tensors": len(at_level),
@@ -96,6 +109,12 @@ def internal_summary(records: list[InternalRecord], level: str) -> dict[str, obj
         "worst": None if worst is None or not worst.differing else {
             "tensor": worst.tensor, "node": worst.node, "max_lsb_diff": _json_number(worst.max_lsb_diff),
             "differing_share": worst.differing_share,
+        },
+        "end_to_end_differing": drifting,
+        "end_to_end_share": drifting / elements if elements else 0.0,
+        "worst_end_to_end": None if drift is None or not drift.end_to_end_differing else {
+            "tensor": drift.tensor, "node": drift.node, "max_lsb_diff": _json_number(drift.end_to_end_max_lsb_diff),
+            "differing_share": drift.end_to_end_share,
         },
     }
 
@@ -220,7 +239,9 @@ class VerificationReport:
             "settings": {level: dict(values) for level, values in self.settings.items()},
             "outputs": [record.to_dict() for record in self.outputs],
             "internal_summary": [internal_summary(self.internal, level) for level in levels],
-            "internal": [record.to_dict() for record in self.internal if record.differing or not record.passed],
+            "internal": [
+                record.to_dict() for record in self.internal if record.differing or record.end_to_end_differing or not record.passed
+            ],
             "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
             "kernels": self.kernels.to_dict() if self.kernels else None,
             "advisories": [advisory.to_dict() for advisory in self.advisories],
@@ -321,11 +342,14 @@ def failure_line(record: OutputRecord, tally: Tally) -> str:
 
 
 
-def make_internal_record(point_tensor: str, node: str, lowered_tensor: str, level: str, tally: Tally, exact: bool, tolerance: float) -> InternalRecord:
+def make_internal_record(
+    point_tensor: str, node: str, lowered_tensor: str, level: str, tally: Tally, drift: Tally, exact: bool, tolerance: float
+) -> InternalRecord:
+    """``tally`` compares the tap with its local reference (the plain reference when ``exact``), ``drift`` end to end."""
     if exact:
         rule, passed = "bit-identical", tally.differing == 0 and tally.note is None
     else:
-        rule, passed = f"<= {tolerance:g} LSB", tally.max_units <= tolerance and tally.note is None
+        rule, passed = f"<= {tolerance:g} LSB of its local reference", tally.max_units <= tolerance and tally.note is None
     return InternalRecord(
         tensor=point_tensor,
         node=node,
@@ -335,6 +359,8 @@ def make_internal_record(point_tensor: str, node: str, lowered_tensor: str, leve
         max_lsb_diff=tally.max_units,
         differing=tally.differing,
         elements=tally.total,
+        end_to_end_max_lsb_diff=drift.max_units,
+        end_to_end_differing=drift.differing,
         rule=rule,
         passed=passed,
         note=tally.note,

@@ -17,7 +17,6 @@ All taps are read in the same run as the graph outputs, as extra graph outputs.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,28 +108,3 @@ def plan_taps(index: GraphIndex, ranks: dict[int, int], live: set[str], lowered:
         exposed.add(reads)
         points.append(TapPoint(name, label, ranks[position], grid, tap.tensor if tap else name, tap))
     return sorted(points, key=lambda point: point.rank)
-
-
-def upstream_taps(index: GraphIndex, tensor: str, tapped: set[str]) -> list[str]:
-    """The taps in ``tapped`` nearest upstream of ``tensor`` in the original, nearest first.
-
-    A backward walk from the quantizer writing ``tensor`` that stops at each tap it meets,
-    so it covers only the region between this tap and the ones before it.
-    """
-    found: list[str] = []
-    if tensor not in index.producer:
-        return found
-    queue = deque(name for name in index.producer[tensor][1].input if name)
-    seen = set(queue)
-    while queue:
-        name = queue.popleft()
-        if name in tapped:
-            found.append(name)
-            continue
-        if name not in index.producer:
-            continue
-        for source in index.producer[name][1].input:
-            if source and source not in seen and source not in index.constants:
-                seen.add(source)
-                queue.append(source)
-    return found
