@@ -18,20 +18,25 @@ from qlower.verification import runners, verify
 openvino = pytest.importorskip("openvino")
 
 
-def test_the_portable_layout_of_the_signed_4bit_deployment_net_fails_on_openvino(tmp_path: Path) -> None:
+def test_the_portable_layout_of_the_signed_4bit_deployment_net_drifts_on_openvino(tmp_path: Path) -> None:
     # OpenVINO computes QuantizeLinear as a FakeQuantize (a reciprocal multiply): with a
-    # step that is not a power of two, ties of the input quantizer go the other way and
-    # the difference grows through the 4-bit layers (issue 12).
+    # step that is not a power of two, ties of the input quantizer go the other way (one
+    # step: within the unit-local contract) and the difference grows through the 4-bit
+    # layers end to end (reported as drift; issue 12). At 0 LSB it fails where it began.
     fixture = BREVITAS_DIR / "real" / "deploy_w4a4_signed.qonnx.onnx"
     lowered = tmp_path / "net.qcdq.onnx"
     onnx.save(qlower.convert(fixture, verify_result=False).model, str(lowered))
     base = [sys.executable, "-m", "qlower", "verify", str(fixture), str(lowered), "--batches", "2"]
     assert subprocess.run(base, capture_output=True).returncode == 0
-    proc = subprocess.run([*base, "--runtime", "openvino"], capture_output=True, text=True, timeout=600)
+    report = verify(fixture, lowered, runtime="openvino", batches=2)
+    assert report.passed, report.failures
+    summary = report.to_dict()["internal_summary"][0]
+    assert summary["worst"]["max_lsb_diff"] == 1 and summary["worst_end_to_end"]["max_lsb_diff"] > 1  # type: ignore[index]
+    proc = subprocess.run([*base, "--runtime", "openvino", "--tolerance-lsb", "0"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
     line = proc.stderr.strip()
-    assert f"at {runners.OPENVINO_F32}: " in line and f"first divergence at {runners.OPENVINO_F32}" in line
-    assert "the first difference: node '/layers/layers.0/act_quant" in line  # where it began
+    assert f"at {runners.OPENVINO_F32}: " in line
+    assert f"first divergence at {runners.OPENVINO_F32}: node '/layers/layers.0/act_quant" in line  # where it began
     assert "verification on openvino" in proc.stdout
     bf16_default = runners.OpenVinoRunner(None).default_hint() != "f32"
     assert ("advisory, not held: OPENVINO_CPU_DEFAULT" in proc.stdout) == bf16_default
