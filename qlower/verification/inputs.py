@@ -108,7 +108,9 @@ def _minifloat_sampler(scale: np.ndarray, mantissa: int, bias: int, max_val: flo
 
     def sample(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         s = _per_element(scale, shape)
-        top = math.floor(math.log2(max_val)) if max_val > 0 else 0
+        # A max below the smallest normal leaves no normal binade under it: draw from that one
+        # binade still (values past max exercise the overflow rule).
+        top = max(math.floor(math.log2(max_val)) if max_val > 0 else 0, 1 - bias)
         exponent = rng.integers(1 - bias, top + 1, shape)
         k = rng.integers(2**mantissa, 2 ** (mantissa + 1), shape).astype(np.float64)
         kind = rng.integers(0, 4, shape)
