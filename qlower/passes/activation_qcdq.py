@@ -121,11 +121,7 @@ class ActivationQCDQ(QuantizerPass):
         quantized = em.node("QuantizeLinear", q_inputs, q_attrs, dtype=container)
         parts.append(f"QuantizeLinear({info.dtype}" + (f", +{shift})" if shift else ")"))
         if narrower and container in (np.int8, np.uint8):
-            quantized = em.node(
-                "Clip",
-                [quantized, em.constant("clip_min", np.array(low, container)), em.constant("clip_max", np.array(high, container))],
-                dtype=container,
-            )
+            quantized = emit_clip(em, quantized, low, high, container)
             parts.append(f"Clip[{low},{high}]")
         em.node(
             "DequantizeLinear",

@@ -35,9 +35,11 @@ def emit_scaled(em: Emitter, x: gs.Tensor, scale: Operand, zero_point: Operand) 
     return t
 
 
-def emit_clip(em: Emitter, t: gs.Tensor, low: float, high: float) -> gs.Tensor:
-    """Float Clip with 0-d bounds; float32 rounding of the bounds matches ``np.clip``."""
-    return em.node("Clip", [t, em.constant("clip_min", np.array(low, F32)), em.constant("clip_max", np.array(high, F32))])
+def emit_clip(em: Emitter, t: gs.Tensor, low: float, high: float, dtype: type = F32) -> gs.Tensor:
+    """Clip with 0-d bounds of ``t``'s ``dtype``: float32 (its rounding of the bounds matches
+    ``np.clip``) or an integer container (the range marker of a Q/Clip/DQ chain)."""
+    bounds = [em.constant("clip_min", np.array(low, dtype)), em.constant("clip_max", np.array(high, dtype))]
+    return em.node("Clip", [t, *bounds], dtype=dtype)
 
 
 def _emit_signed(em: Emitter, t: gs.Tensor, magnitude: gs.Tensor) -> gs.Tensor:

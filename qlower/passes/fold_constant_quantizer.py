@@ -22,6 +22,7 @@ import numpy as np
 from .. import semantics
 from ..analysis import Quantizer, per_axis_layout
 from .base import INT32_MAX, INT32_MIN, Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
+from .float_ops import emit_clip
 
 
 def _container(q: Quantizer) -> type:
@@ -100,11 +101,7 @@ class FoldConstantQuantizer(QuantizerPass):
         parts = [f"{info.dtype} initializer"]
         if _needs_clip(q, container, ctx):
             q_min, q_max = q.int_range
-            values = em.node(
-                "Clip",
-                [values, em.constant("clip_min", np.array(q_min, container)), em.constant("clip_max", np.array(q_max, container))],
-                dtype=container,
-            )
+            values = emit_clip(em, values, q_min, q_max, container)
             parts.append(f"Clip[{q_min},{q_max}]")
         em.node("DequantizeLinear", [values, dq_scale, dq_zero_point], attrs, final=True)
         parts.append("DequantizeLinear" + ("" if axis is None else f"(axis={axis})"))

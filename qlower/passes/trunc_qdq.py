@@ -20,7 +20,7 @@ import numpy as np
 from .. import semantics
 from ..analysis import Quantizer
 from .base import Emitter, LoweringContext, QuantizerPass
-from .float_ops import emit_scaled
+from .float_ops import emit_clip, emit_scaled
 
 F32 = np.float32
 
@@ -78,11 +78,7 @@ class TruncUnitRatioQDQ(QuantizerPass):
             )
         parts.append(f"QuantizeLinear({info.dtype}" + (f", +{shift})" if shift else ")"))
         if (low, high) != (int(info.min), int(info.max)):
-            quantized = em.node(
-                "Clip",
-                [quantized, em.constant("clip_min", np.array(low, container)), em.constant("clip_max", np.array(high, container))],
-                dtype=container,
-            )
+            quantized = emit_clip(em, quantized, low, high, container)
             parts.append(f"Clip[{low},{high}]")
         em.node(
             "DequantizeLinear",
