@@ -426,17 +426,20 @@ def write_model(
     path: str | os.PathLike[str],
     *,
     protect: Sequence[str | os.PathLike[str]] = (),
-    max_inline_bytes: int = MAX_PROTOBUF_BYTES,
+    max_inline_bytes: int | None = None,
 ) -> str:
     """Write ``model`` to ``path``, its large initializers to ``<file>.data`` when it exceeds
-    ``max_inline_bytes`` (protobuf's 2 GB limit; tests lower it). ``model`` is left as given.
+    ``max_inline_bytes`` (default ``MAX_PROTOBUF_BYTES``, protobuf's 2 GB limit; tests lower
+    either). ``model`` is left as given.
 
     Below the limit the file is ``model.SerializeToString()``, byte for byte what
     ``onnx.save`` writes. Above it, the graph's initializers of 1 KiB or more (raw data,
     onnx's default threshold) go to the data file, 64-byte aligned (4 KiB from 1 MiB up),
     and the model file points at them; neither file is ever held whole in memory.
     """
-    if _fits_inline(model, max_inline_bytes):
+    if max_inline_bytes is None:
+        max_inline_bytes = MAX_PROTOBUF_BYTES
+    if fits_inline(model, max_inline_bytes):
         try:
             data = model.SerializeToString()
         except (ValueError, RuntimeError) as exc:  # e.g. huge tensors stored outside raw_data
@@ -477,25 +480,28 @@ def write_model(
     return dest.requested
 
 
-def _fits_inline(model: onnx.ModelProto, limit: int) -> bool:
-    """Whether ``model`` serialises to at most ``limit`` bytes, found without serialising it.
+def fits_inline(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    """Whether ``model`` serialises to at most ``limit`` bytes (default ``MAX_PROTOBUF_BYTES``,
+    read when called so tests can lower it), found without serialising it.
 
     (``ByteSize()`` is no help: protobuf's upb backend serialises the whole message to
     answer it, which for a 2 GB model costs seconds and twice the weights in memory.)
     """
+    if limit is None:
+        limit = MAX_PROTOBUF_BYTES
     raw_bytes = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
     if raw_bytes < limit // 2:
         return True  # the rest of a model is never as large as its weights; SerializeToString checks
-    graph_size = _copy_without(model.graph, "initializer").ByteSize() + sum(
+    graph_size = copy_without(model.graph, "initializer").ByteSize() + sum(
         _field_size(INITIALIZER_FIELD, _tensor_size(tensor)) for tensor in model.graph.initializer
     )
-    return _copy_without(model, "graph").ByteSize() + _field_size(GRAPH_FIELD, graph_size) <= limit
+    return copy_without(model, "graph").ByteSize() + _field_size(GRAPH_FIELD, graph_size) <= limit
 
 
 def _tensor_size(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data"):
         return tensor.ByteSize()
-    return _copy_without(tensor, "raw_data").ByteSize() + _field_size(RAW_DATA_FIELD, len(tensor.raw_data))
+    return copy_without(tensor, "raw_data").ByteSize() + _field_size(RAW_DATA_FIELD, len(tensor.raw_data))
 
 
 def _field_size(field_number: int, payload_size: int) -> int:
@@ -521,7 +527,7 @@ def _length_delimited(field_number: int, payload_size: int) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(payload_size)
 
 
-def _copy_without(message: Message, skipped: str) -> Message:
+def copy_without(message: Message, skipped: str) -> Message:
     """A copy of ``message`` without the field ``skipped`` (which is never copied at all)."""
     copy = type(message)()
     for field, value in message.ListFields():
@@ -573,7 +579,7 @@ class _ExternalInitializers:
             initializers = []
             for index, tensor in enumerate(self.model.graph.initializer):
                 if index in self.placed:
-                    stub = _copy_without(tensor, "raw_data")
+                    stub = copy_without(tensor, "raw_data")
                     assert isinstance(stub, onnx.TensorProto)
                     offset, length = self.placed[index]
                     stub.data_location = onnx.TensorProto.EXTERNAL
@@ -584,9 +590,9 @@ class _ExternalInitializers:
                 else:
                     body = tensor.SerializeToString()
                 initializers.append(_length_delimited(INITIALIZER_FIELD, len(body)) + body)
-            graph = _copy_without(self.model.graph, "initializer").SerializeToString()
+            graph = copy_without(self.model.graph, "initializer").SerializeToString()
             graph_size = len(graph) + sum(len(piece) for piece in initializers)
-            head = _copy_without(self.model, "graph").SerializeToString() + _length_delimited(GRAPH_FIELD, graph_size)
+            head = copy_without(self.model, "graph").SerializeToString() + _length_delimited(GRAPH_FIELD, graph_size)
             self._model_bytes = [head, graph, *initializers]
         return self._model_bytes
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import ir, output, taps
+from . import ir, large_models, output, taps
 from .analysis import FLOAT8_OPSET, analyse, describe
 from .collector import paused_cycle_collection
 from .links import remove_unused_nodes, share_equal_constants, toposort
@@ -178,7 +178,10 @@ def _finish(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             f"{custom.op_type} (domain {custom.domain}) is not standard ONNX and qlower has no lowering for it", custom.name
         )
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if large_models.fits_inline(model):
+            onnx.checker.check_model(model, full_check=True)
+        else:  # too large to serialise: checked by path, as written with external data
+            large_models.check(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise UnsupportedError(f"the lowered model fails the ONNX checker: {first}") from None

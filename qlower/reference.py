@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from . import semantics
+from . import large_models, output, semantics
 from .errors import InvalidModelError, InvalidQuantizerError, QlowerError, UnsupportedError
 from .ir import OP_ALIASES, default_opset, is_qonnx_node
 
@@ -47,12 +47,20 @@ def first_line(error: BaseException | str) -> str:
 
 
 def make_session(
-    model: onnx.ModelProto | bytes, *, optimized: bool, saved_graph: str | os.PathLike | None = None
+    model: onnx.ModelProto | bytes,
+    *,
+    optimized: bool,
+    saved_graph: str | os.PathLike | None = None,
+    external: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
     ``saved_graph``: where ORT writes the graph it runs after its optimizations (the
-    verifier counts integer kernels in it).
+    verifier counts integer kernels in it); the initializers of a model over protobuf's
+    limit go to ``<saved_graph>.data`` beside it.
+    ``external``: the arrays of tensors ``model`` (bytes of a skeleton) holds as external
+    data. A ModelProto over protobuf's limit is split into such a skeleton and arrays
+    (:mod:`qlower.large_models`), so ORT never needs its serialised whole.
 
     The unoptimized level is the one held to bit-exactness, so it also turns off weight
     prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
@@ -69,9 +77,18 @@ def make_session(
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+    data, arrays = large_models.session_inputs(model, external)
     if saved_graph is not None:
         options.optimized_model_filepath = os.fspath(saved_graph)
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+        if arrays:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", f"{os.path.basename(saved_graph)}.data"
+            )
+    # ORT copies each array into its own memory while the session is created: the values
+    # (views of the arrays) must live until then.
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+    if values:
+        options.add_external_initializers(list(arrays), values)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -491,6 +508,19 @@ class ReferenceExecutor:
             raise InvalidModelError(reason, node_label(node, index))
         return plan
 
+    def _external_constants(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The constants among ``names`` to hand ORT as arrays: none while they add up to less
+        than half protobuf's limit (the rest of a group model is small), else every numeric
+        one of ``output.EXTERNAL_MIN_BYTES`` or more."""
+        values = [(name, self._constants[name]) for name in names]
+        if sum(value.nbytes for _, value in values) < output.MAX_PROTOBUF_BYTES // 2:
+            return {}
+        return {
+            name: np.ascontiguousarray(value)
+            for name, value in values
+            if value.dtype != object and value.nbytes >= output.EXTERNAL_MIN_BYTES
+        }
+
     def _build_group(
         self,
         group: list[int],
@@ -532,22 +562,33 @@ class ReferenceExecutor:
             node.input[:] = [canonical[name] for name in node.input]
             node.output[:] = [canonical[name] for name in node.output]
             renamed.append(node)
+        # Constants that would take the group model past protobuf's limit go to ORT as
+        # external initializers (the arrays, never serialised); such a group is keyed by
+        # the constants' own names too, since its bytes no longer say what they hold.
+        external = self._external_constants(constants)
         graph = onnx.helper.make_graph(
             renamed,
             "qlower_reference_group",
             [onnx.helper.make_tensor_value_info(canonical[name], value_types[name], None) for name in inputs],
             [onnx.helper.make_empty_tensor_value_info(canonical[name]) for name in outputs],
-            initializer=[numpy_helper.from_array(self._constants[name], canonical[name]) for name in constants],
+            initializer=[
+                large_models.external_stub(canonical[name], self._constants[name])
+                if name in external
+                else numpy_helper.from_array(self._constants[name], canonical[name])
+                for name in constants
+            ],
         )
         model = onnx.helper.make_model(graph, opset_imports=opsets)
         model.ir_version = max(4, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
         labels = tuple(node_label(nodes[i], i) for i in group)
         data = model.SerializeToString()
-        key = hashlib.sha256(data).digest()
+        key = hashlib.sha256(data + "\0".join(external).encode()).digest()
         session = self._sessions.get(key)
         if session is None:
             try:
-                session = make_session(data, optimized=False)
+                session = make_session(
+                    data, optimized=False, external={canonical[name]: value for name, value in external.items()}
+                )
             except Exception as exc:  # ORT raises its own exception types
                 raise InvalidModelError(
                     f"ONNX Runtime cannot run the original model's nodes {', '.join(labels[:3])}"

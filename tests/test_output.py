@@ -359,7 +359,7 @@ def test_size_without_serialising_is_exact() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5000])], [weights, typed])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     size = len(model.SerializeToString())
-    assert output._fits_inline(model, size) and not output._fits_inline(model, size - 1)
+    assert output.fits_inline(model, size) and not output.fits_inline(model, size - 1)
 
 
 def test_small_models_stay_one_file_byte_identical_to_onnx_save(lowered: onnx.ModelProto, tmp_path: Path) -> None:

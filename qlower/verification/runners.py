@@ -108,7 +108,7 @@ class OrtRunner(Runner):
         return settings
 
     def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
-        return _OrtSession(make_session(model.SerializeToString(), optimized=self.optimizes, saved_graph=saved_graph))
+        return _OrtSession(make_session(model, optimized=self.optimizes, saved_graph=saved_graph))
 
 
 # ---------------------------------------------------------------------------------------

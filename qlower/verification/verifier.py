@@ -68,13 +68,15 @@ class _Opened:
 
 @contextmanager
 def _scratch_file() -> Iterator[Path]:
-    """A temporary file path for ORT's saved optimized graph (a file: removing a directory costs more)."""
+    """A temporary file path for ORT's saved optimized graph (a file: removing a directory costs more),
+    and the external data file ORT writes beside it for a model over protobuf's limit."""
     handle, name = tempfile.mkstemp(prefix="qlower-", suffix=".onnx")
     os.close(handle)
     try:
         yield Path(name)
     finally:
         Path(name).unlink(missing_ok=True)
+        Path(f"{name}.data").unlink(missing_ok=True)
 
 
 def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_graph: Path | None, notes: list[str]) -> _Opened:

@@ -94,3 +94,28 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False) -> None:
                         location=f"{path.name}.data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+def large_float_weights(total_bytes: int, width: int = 8192, seed: int = 0) -> onnx.ModelProto:
+    """One small quantized unit (``Quant(act) -> MatMul(Quant(weight 16x16))``) followed by
+    wide float MatMuls whose unquantized weights add up to at least ``total_bytes``: they
+    stay float when lowered, so the lowered model is as large as the original."""
+    rng = np.random.default_rng(seed)
+    blocks = max(1, -(-total_bytes // (width * width * 4)))
+    inits = _shared_parameters()
+    inits.append(numpy_helper.from_array((rng.standard_normal((WIDTH, width)) * 0.25).astype(np.float32), "wq_float"))
+    graph_nodes = [
+        _quant("x", "a", "act_quant", narrow=0),
+        _quant("wq_float", "wq", "weight_quant", narrow=1),
+        helper.make_node("MatMul", ["a", "wq"], ["m"], name="matmul_quantized"),
+    ]
+    current = "m"
+    for i in range(blocks):
+        weight = rng.integers(-8, 8, size=(width, width), dtype=np.int8).astype(np.float32) * np.float32(1 / width)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        del weight
+        graph_nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"f{i}"], name=f"matmul_float_{i}"))
+        current = f"f{i}"
+    model = _model(graph_nodes, inits, width, current)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH]))
+    return model

@@ -1,0 +1,107 @@
+"""Models over protobuf's 2 GB limit in memory: checked and run without serialising them whole.
+
+A model whose protobuf would exceed the limit (``output.MAX_PROTOBUF_BYTES``; tests lower
+it) cannot be serialised, so neither ``onnx.checker.check_model(model)`` nor
+``onnxruntime.InferenceSession(model bytes)`` takes it. :func:`split` turns it into a
+*skeleton* (the model with the bytes of every initializer of ``output.EXTERNAL_MIN_BYTES``
+or more replaced by an external-data reference, which is how ``output.write_model``
+writes it) and the arrays of those initializers:
+
+* :func:`check` runs the checker (``full_check``) on the skeleton by path, beside an empty
+  data file. The checker by path reads no external tensor data (it checks that the data
+  file is a regular file in the model's folder, and shape inference never parses external
+  tensors), so this is the check ``check_model(path, full_check=True)`` makes of the
+  model written with its external data, without writing gigabytes to do it;
+* :func:`session_inputs` gives ONNX Runtime the skeleton's bytes and the arrays as external
+  initializers (``SessionOptions.add_external_initializers``): ORT replaces each
+  external tensor of that name with the array (copying it into its own memory) and never
+  looks for the data file, so the session holds the same initializers as one loaded from
+  the written files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import output
+
+# Where the skeleton's external tensors say their bytes are (never read: see the docstring).
+DATA_LOCATION = "weights.data"
+
+
+def fits_inline(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serialises within the protobuf limit (found without serialising it)."""
+    return output.fits_inline(model)
+
+
+def external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """A tensor ``name`` of ``array``'s type and shape whose bytes are external data."""
+    stub = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", DATA_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    return stub
+
+
+def is_large(tensor: onnx.TensorProto) -> bool:
+    """An initializer ``write_model`` would move to the data file (raw data of 1 KiB or more)."""
+    return (
+        tensor.data_location != onnx.TensorProto.EXTERNAL
+        and not tensor.external_data
+        and tensor.HasField("raw_data")
+        and len(tensor.raw_data) >= output.EXTERNAL_MIN_BYTES
+    )
+
+
+def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The skeleton of ``model`` and the arrays of the initializers it leaves out (each a copy).
+
+    ``model`` is not changed and its weights are never serialised.
+    """
+    skeleton = output.copy_without(model, "graph")
+    assert isinstance(skeleton, onnx.ModelProto)
+    skeleton.graph.CopyFrom(output.copy_without(model.graph, "initializer"))
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if is_large(tensor):
+            array = numpy_helper.to_array(tensor)
+            arrays[tensor.name] = array
+            skeleton.graph.initializer.append(external_stub(tensor.name, array))
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton, arrays
+
+
+def check(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model(full_check=True)`` of a model too large to serialise."""
+    skeleton, _ = split(model)
+    with tempfile.TemporaryDirectory(prefix="qlower-check-") as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(skeleton.SerializeToString())
+        (Path(folder) / DATA_LOCATION).touch()
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+def session_inputs(
+    model: onnx.ModelProto | bytes, external: Mapping[str, np.ndarray] | None = None
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The model bytes and external initializers to open ``model`` in ONNX Runtime.
+
+    A model within the limit is its own bytes; a larger one is :func:`split`. ``external``
+    (arrays for tensors already external in a skeleton ``model``) is passed through.
+    """
+    arrays = dict(external or {})
+    if isinstance(model, bytes):
+        return model, arrays
+    if fits_inline(model):
+        return model.SerializeToString(), arrays
+    skeleton, split_arrays = split(model)
+    arrays.update(split_arrays)
+    return skeleton.SerializeToString(), arrays

@@ -1,0 +1,143 @@
+"""Models over protobuf's 2 GB limit, with the limit lowered to a few KB (issue 9).
+
+``qlower.output.MAX_PROTOBUF_BYTES`` is read when used, so a test that lowers it sends a
+model of a few KB down every path a >2 GB model takes: the checker on a skeleton by path,
+ONNX Runtime given the large initializers as external initializers (lowered model and
+reference groups alike), the saved optimized graph with its data file, and the output
+written with external data. ``make bench`` runs the same paths at real size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qlower
+from qlower import large_models, output, reference
+
+QONNX = "qonnx.custom_op.general"
+LIMIT = 6000  # bytes: each 32x32 float weight (4 KiB) is over EXTERNAL_MIN_BYTES, the model over this
+
+
+def float_weights_beside_a_quantized_unit(seed: int = 0) -> onnx.ModelProto:
+    """x -> Quant -> MatMul(Quant(w0)) -> MatMul(float w1) -> Add(float b) -> MatMul(float w2):
+    the float weights stay float when lowered, so the lowered model stays over the limit."""
+    rng = np.random.default_rng(seed)
+    width = 32
+    inits = [
+        numpy_helper.from_array(np.array(0.0625, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero_point"),
+        numpy_helper.from_array(np.array(8.0, np.float32), "bit_width"),
+        numpy_helper.from_array((rng.standard_normal((width, width)) * 0.25).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal((width, width)) * 0.1).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((width, width)) * 0.1).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((1, width)).astype(np.float32), "b"),
+    ]
+    quant = dict(domain=QONNX, signed=1, rounding_mode="ROUND")
+    nodes = [
+        helper.make_node("Quant", ["x", "scale", "zero_point", "bit_width"], ["a"], name="act_quant", narrow=0, **quant),
+        helper.make_node("Quant", ["w0", "scale", "zero_point", "bit_width"], ["wq"], name="weight_quant", narrow=1, **quant),
+        helper.make_node("MatMul", ["a", "wq"], ["m0"], name="matmul_q"),
+        helper.make_node("MatMul", ["m0", "w1"], ["m1"], name="matmul_float"),
+        helper.make_node("Add", ["m1", "b"], ["m2"], name="bias"),
+        helper.make_node("MatMul", ["m2", "w2"], ["y"], name="matmul_float_2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX, 1)])
+    model.ir_version = 8
+    return model
+
+
+def _bytes(model: onnx.ModelProto) -> bytes:
+    """The model's bytes with no tensor saying where its data was read from (onnx.load
+    leaves ``data_location`` DEFAULT set on tensors it read from external data)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for tensor in model.graph.initializer:
+        tensor.ClearField("data_location")
+    return model.SerializeToString()
+
+
+@pytest.fixture
+def lowered_limit(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Lower protobuf's limit to ``LIMIT`` and count what takes the large-model paths."""
+    calls = {"check": 0, "external_sessions": 0}
+    check = large_models.check
+
+    def counted_check(model: onnx.ModelProto) -> None:
+        calls["check"] += 1
+        check(model)
+
+    make_session = reference.make_session
+
+    def counted_session(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+        if kwargs.get("external") or (isinstance(model, onnx.ModelProto) and not large_models.fits_inline(model)):
+            calls["external_sessions"] += 1
+        return make_session(model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT)
+    monkeypatch.setattr(large_models, "check", counted_check)
+    monkeypatch.setattr(reference, "make_session", counted_session)
+    monkeypatch.setattr("qlower.verification.runners.make_session", counted_session)
+    return calls
+
+
+def test_a_lowered_model_over_the_limit_converts_verifies_and_writes_external_data(
+    lowered_limit: dict[str, int], tmp_path: Path
+) -> None:
+    source = tmp_path / "large.onnx"
+    onnx.save_model(float_weights_beside_a_quantized_unit(), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="large.onnx.data", size_threshold=1024)
+    out = tmp_path / "large.qcdq.onnx"
+    result = qlower.convert(source, to="qcdq", output_path=out)
+    report = result.report.verification
+    assert report is not None and report.passed, report.failures if report else None
+    assert lowered_limit["check"] == 1
+    # both ORT levels (deployed and tapped) and the reference group holding w1, b and w2
+    assert lowered_limit["external_sessions"] >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["large.onnx", "large.onnx.data", "large.qcdq.onnx", "large.qcdq.onnx.data"]
+    )
+    assert not output.fits_inline(result.model), "the lowered model must stay over the limit"
+    assert result.report.verification.kernels is not None  # counted in ORT's saved graph and its data file
+
+    # The same model, the same bytes, the same verification as with the limit out of the way.
+    written = onnx.load(str(out))
+    lowered_limit["check"] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output, "MAX_PROTOBUF_BYTES", 2**31 - 1)
+        inline = qlower.convert(float_weights_beside_a_quantized_unit(), to="qcdq")
+    assert lowered_limit["check"] == 0
+    assert _bytes(written) == _bytes(result.model) == _bytes(inline.model)
+    assert inline.report.verification is not None
+    assert report.to_dict() == inline.report.verification.to_dict()
+
+
+def test_verify_reads_both_models_with_external_data(lowered_limit: dict[str, int], tmp_path: Path) -> None:
+    source, out = tmp_path / "large.onnx", tmp_path / "large.qop.onnx"
+    onnx.save_model(float_weights_beside_a_quantized_unit(1), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="large.onnx.data", size_threshold=1024)
+    qlower.convert(source, to="qop", output_path=out, verify_result=False)
+    assert Path(f"{out}.data").is_file()
+    calls = lowered_limit["external_sessions"]
+    report = qlower.verify(source, out, target="qop")
+    assert report.passed, report.failures
+    assert lowered_limit["external_sessions"] >= calls + 3
+
+
+def test_the_checker_by_path_passes_a_valid_large_model_and_refuses_an_invalid_one(lowered_limit: dict[str, int]) -> None:
+    model = float_weights_beside_a_quantized_unit()
+    del model.graph.node[:3]  # the float part: standard ops only
+    model.graph.node[0].input[0] = "x"
+    del model.opset_import[1:]
+    assert not large_models.fits_inline(model)
+    large_models.check(model)
+    model.graph.node[1].op_type = "NoSuchOp"
+    with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
+        large_models.check(model)
