@@ -65,6 +65,27 @@ class Tap:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
         return ((integers - zero_point).astype(np.float32) * scale).astype(np.float32)
 
+    def snap(self, values: np.ndarray) -> np.ndarray:
+        """Float values a runtime dequantized from this tap's integers, read back as those integers
+        dequantized exactly. A runtime may dequantize with its own float rounding (OpenVINO
+        interpolates a FakeQuantize's output range): a value within 1/1000 of a step of the
+        grid is that grid point; one farther off is kept as it is (and compared as such)."""
+        scale = np.asarray(self.scale, dtype=np.float64)
+        zero_point = np.asarray(self.zero_point, dtype=np.float64)
+        raw = np.asarray(values)
+        if self.axis is not None and scale.size > 1:
+            shape = [1] * raw.ndim
+            shape[self.axis] = scale.size
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        else:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            steps = raw.astype(np.float64) / scale
+            nearest = np.rint(steps)
+            on_grid = np.abs(steps - nearest) <= 1e-3
+        integers = np.where(on_grid, nearest + zero_point, zero_point).astype(np.int64)
+        return np.where(on_grid, self.dequantize(integers), raw).astype(np.float32)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "original": self.original,

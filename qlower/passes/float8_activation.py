@@ -7,7 +7,9 @@ Only where ``qlower.float8.quantize_linear_type`` finds the format is exactly FL
 or FLOAT8E5M2 (saturating, round to nearest even) and the scale is a constant laid out
 per tensor or along one axis. Exact wherever ``x/scale`` is finite; an infinite
 ``x/scale`` gives NaN in QONNX and +-max here (see ``qlower.float8``). Everything else
-takes ``float_quant_float_path``. The qop target keeps these Q/DQ pairs: ONNX Runtime's
+takes ``float_quant_float_path``, and so does every FloatQuant under a profile without
+``float8_activations`` (openvino: its CPU plugin converts to float8 through a 16-bit
+float, rounding twice). The qop target keeps these Q/DQ pairs: ONNX Runtime's
 CPU QLinearConv/QLinearMatMul take integers only.
 """
 
@@ -30,6 +32,8 @@ class Float8Activation(QuantizerPass):
 
     def check(self, q: Quantizer, ctx: LoweringContext) -> str | None:
         assert q.minifloat is not None and q.scale is not None
+        if not ctx.profile.float8_activations:
+            return f"profile {ctx.profile.name} keeps float8 QuantizeLinear out ({ctx.profile.float8_why})"
         if quantize_linear_type(q.minifloat, q.rounding_mode) is None:
             return f"format {q.minifloat.describe()}, {q.rounding_mode} rounding is not a saturating ONNX float8 type"
         if ctx.opset < FLOAT8_OPSET:

@@ -17,10 +17,10 @@ from .fold_constant_float import FoldConstantToFloat
 from .float_average_pool import FloatAveragePool
 from .fold_constant_float8 import FoldConstantFloat8
 from .fold_constant_quantizer import FoldConstantQuantizer
+from .input_quantizer_thresholds import ExactInputQuantizers
 from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
-from .reciprocal_scales import ReportReciprocalScales
 from .rounded_outputs import RoundedOutputsAsIntegers
 from .trunc import TruncToFloatOps
 from .trunc_qdq import TruncUnitRatioQDQ
@@ -42,8 +42,9 @@ _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
     # A bias on its own grid (QKeras) is exact in QCDQ but ONNX Runtime's QGemm/QLinearConv
     # fusion assumes the s_x*s_w grid and silently misreads it, so qcdq moves it too.
     # A profile may keep average pools on dequantized integers in float (openvino); the
-    # profile's runtime-specific report (ties a reciprocal multiply may flip) comes last.
-    "qcdq": (BiasAccumulatorGrid(), FloatAveragePool(), ReportReciprocalScales()),
+    # profile may quantize graph inputs by exact thresholds where a reciprocal multiply
+    # would move ties (openvino).
+    "qcdq": (BiasAccumulatorGrid(), FloatAveragePool(), ExactInputQuantizers()),
     # Biases onto the accumulator grid (exact), float-path quantizer outputs that feed a unit
     # as integers (exact), then the compute units (exact requantization).
     "qop": (BiasAccumulatorGrid(), RoundedOutputsAsIntegers(), QLinearConvPass(), QLinearMatMulPass()),

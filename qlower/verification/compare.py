@@ -343,11 +343,14 @@ def failure_line(record: OutputRecord, tally: Tally) -> str:
 
 
 def make_internal_record(
-    point_tensor: str, node: str, lowered_tensor: str, level: str, tally: Tally, drift: Tally, exact: bool, tolerance: float
+    point_tensor: str, node: str, lowered_tensor: str, level: str, tally: Tally, drift: Tally, exact: bool, tolerance: float,
+    why_exact: str | None = None,
 ) -> InternalRecord:
-    """``tally`` compares the tap with its local reference (the plain reference when ``exact``), ``drift`` end to end."""
+    """``tally`` compares the tap with its local reference (the plain reference when ``exact``), ``drift`` end to end.
+    ``why_exact`` says why a tap is held bit-identical at a level where a tolerance applies."""
     if exact:
-        rule, passed = "bit-identical", tally.differing == 0 and tally.note is None
+        rule = "bit-identical" + (f" ({why_exact})" if why_exact else "")
+        passed = tally.differing == 0 and tally.note is None
     else:
         rule, passed = f"<= {tolerance:g} LSB of its local reference", tally.max_units <= tolerance and tally.note is None
     return InternalRecord(
@@ -370,5 +373,6 @@ def make_internal_record(
 def internal_failure_line(first: InternalRecord, others: int) -> str:
     """One line naming the first failing tap at a level (topologically) and how many more fail."""
     line = f"internal tensor {first.tensor!r} (quantizer {first.node!r}) at {first.level}: {first.amount()}"
-    line += "; must be bit-identical to the reference" if first.rule == "bit-identical" else f"; exceeds the tolerance {first.rule}"
+    exact = first.rule.startswith("bit-identical")
+    line += "; must be bit-identical to the reference" + first.rule.removeprefix("bit-identical") if exact else f"; exceeds the tolerance {first.rule}"
     return line + (f" ({others} more internal tensors fail there)" if others else "")

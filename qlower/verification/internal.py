@@ -12,12 +12,21 @@ output is not a graph output) is a tap when the lowered model still holds its va
   fusion of that DequantizeLinear into the next unit intact);
 * else, when a node of the lowered model writes a tensor of that name, it is read as is.
 
-All taps are read in the same run as the graph outputs, as extra graph outputs.
+All taps are read in the same run as the graph outputs, as extra graph outputs. A runner
+that reads no integer taps (OpenVINO: exposing a QuantizeLinear's integer output makes its
+CPU plugin run that QuantizeLinear on its own, with different rounding, measured) reads
+the float tensor the DequantizeLinear writes instead, snapped to the tap's grid.
+
+A quantizer that reads a graph input directly (``reads_graph_input``) does one float
+operation per element, the division QuantizeLinear defines, with nothing upstream that a
+runtime may round differently: on a runner with ``exact_graph_input_quantizers``
+(OpenVINO, which multiplies by the reciprocal instead) the verifier holds it
+bit-identical, ties included, where other taps get the tolerance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -27,6 +36,9 @@ from .. import taps
 from ..reference import node_label
 from .graph import GraphIndex, quantizer_op
 from .units import Unit, output_grid
+
+# Why a quantizer of a graph input is held bit-identical where a tolerance applies elsewhere.
+GRAPH_INPUT_RULE = "quantizes a graph input: one IEEE division per element, nothing to round differently"
 
 # DequantizeLinear inputs whose integers Tap.dequantize reproduces exactly.
 _TAPPABLE_INTEGERS = frozenset(
@@ -41,6 +53,8 @@ class TapPoint:
     ``original`` is the quantizer's output in the original model, ``node`` that quantizer's
     label and ``rank`` its topological position; ``exposed`` is the lowered model's tensor
     that is read, decoded by ``tap`` when it holds integers (None: the float tensor itself).
+    ``dequantized``: a DequantizeLinear of the lowered model writes ``original`` from the
+    tap's integers; ``snapped``: ``exposed`` is that float tensor, read back onto the grid.
     """
 
     original: str
@@ -49,9 +63,20 @@ class TapPoint:
     unit: Unit
     exposed: str
     tap: taps.Tap | None
+    reads_graph_input: bool = False
+    dequantized: bool = False
+    snapped: bool = False
+
+    def reading_float(self) -> "TapPoint":
+        """This tap read from the DequantizeLinear's float output instead of its integers."""
+        return replace(self, exposed=self.original, snapped=True) if self.dequantized else self
 
     def lowered_value(self, raw: np.ndarray) -> np.ndarray:
-        return self.tap.dequantize(raw) if self.tap is not None else raw
+        if self.tap is None:
+            return raw
+        if self.snapped:
+            return self.tap.snap(raw)
+        return self.tap.dequantize(raw)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -88,6 +113,7 @@ def plan_taps(index: GraphIndex, ranks: dict[int, int], live: set[str], lowered:
     produced = set(lowered_producers) | {value.name for value in lowered.graph.input}
     initializers = {tensor.name: tensor for tensor in lowered.graph.initializer}
     outputs = {value.name for value in index.graph.output}
+    graph_inputs = {value.name for value in index.graph.input}
     points, exposed = [], set()
     for position, node in enumerate(index.graph.node):
         if quantizer_op(node) is None or position not in ranks or not node.input or node.input[0] not in live:
@@ -98,13 +124,16 @@ def plan_taps(index: GraphIndex, ranks: dict[int, int], live: set[str], lowered:
         if name in outputs or grid is None:
             continue
         tap = records.get(name)
+        dequantized = False
         if tap is None and name in lowered_producers:
             writer = lowered_producers[name]
             if writer.op_type == "DequantizeLinear" and writer.domain in ("", "ai.onnx"):
                 tap = _dequantize_tap(name, writer, initializers, produced)
+                dequantized = tap is not None
         reads = tap.tensor if tap else name
         if (tap is None and name not in lowered_producers) or reads in exposed:
             continue
         exposed.add(reads)
-        points.append(TapPoint(name, label, ranks[position], grid, tap.tensor if tap else name, tap))
+        reads_input = node.input[0] in graph_inputs
+        points.append(TapPoint(name, label, ranks[position], grid, tap.tensor if tap else name, tap, reads_input, dequantized))
     return sorted(points, key=lambda point: point.rank)

@@ -53,6 +53,11 @@ class Runner(ABC):
     optimizes: bool  # rewrites the graph before running it
     exact_for_qcdq: bool = False  # a qcdq lowering must be bit-identical here
     advisory: bool = False  # run for the report only, never failing verification
+    # Taps may be read as the integers a DequantizeLinear takes; else as the float it writes.
+    reads_integer_taps: bool = True
+    # Hold a quantizer that reads a graph input bit-identical even where a tolerance applies
+    # (see qlower.verification.internal.GRAPH_INPUT_RULE).
+    exact_graph_input_quantizers: bool = False
 
     @abstractmethod
     def settings(self) -> dict[str, str]:
@@ -144,6 +149,16 @@ class OpenVinoRunner(Runner):
 
     runtime = "OpenVINO"
     optimizes = True
+    # Exposing a QuantizeLinear's integer output as a graph output makes the CPU plugin run
+    # that QuantizeLinear apart from its DequantizeLinear, with a reciprocal multiply again
+    # (measured: ties of the signed 4-bit deployment net's input flip only then), so taps
+    # are read from the DequantizeLinear's float output, which changes nothing.
+    reads_integer_taps = False
+    # OpenVINO turns the division of a QuantizeLinear (and every float Divide) into a
+    # multiply by the reciprocal. Inside a network that is one more float rounding, which
+    # the unit-local tolerance covers; on a graph input nothing else differs, and a tie
+    # moved there is the division computed wrongly.
+    exact_graph_input_quantizers = True
 
     def __init__(self, hint: str | None = "f32") -> None:
         self._ov = _openvino()

@@ -41,7 +41,7 @@ from .compare import (
 from .divergence import first_divergence
 from .graph import GraphIndex, input_dependent, topological_ranks
 from .inputs import conform_inputs, make_inputs
-from .internal import TapPoint, plan_taps
+from .internal import GRAPH_INPUT_RULE, TapPoint, plan_taps
 from .kernels import count_kernels
 from .runners import OPTIMIZED, OrtRunner, Runner, Session, runners_for, with_outputs
 from .units import Unit, output_unit, probe
@@ -81,6 +81,8 @@ def _scratch_file() -> Iterator[Path]:
 
 def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_graph: Path | None, notes: list[str]) -> _Opened:
     """Open ``model`` in ``runner``; raises what the runtime raises when it cannot load the model."""
+    if not runner.reads_integer_taps:
+        points = [point.reading_float() for point in points]
     exposed = list(dict.fromkeys(point.exposed for point in points))
     if not exposed:
         session = runner.open(model, saved_graph)
@@ -303,7 +305,11 @@ def _conclude(
         tally = tallies[(point.original, level)]
         if tally.total or tally.note:
             drift = drifts[(point.original, level)]
-            record = make_internal_record(point.original, point.node, point.exposed, level, tally, drift, exact, tolerance)
+            held_exact = not exact and point.reads_graph_input and run.runner.exact_graph_input_quantizers
+            record = make_internal_record(
+                point.original, point.node, point.exposed, level, tally, drift, exact or held_exact, tolerance,
+                GRAPH_INPUT_RULE if held_exact else None,
+            )
             internal.append((point.rank, record))
     failing = [record for _, record in internal if not record.passed]
     if failing:
