@@ -3,9 +3,11 @@
 Passes read this table instead of rescanning the graph, and the checks here are where bad
 quantizer parameters (zero or NaN scales, bit widths below 1, NaN zero points, scales that
 do not broadcast, minifloat formats the reference cannot run) are refused with the node
-named. Parameters computed at run time are valid input: they are listed in
-``Quantizer.runtime`` and only the exact float path lowers them. Zero points outside the
-integer range and non-integer bit widths are valid QONNX too, and are not refused here.
+named. Parameters computed at run time (any scale, zero point, bit width, Trunc output
+scale, FloatQuant format parameter) are valid input: they are listed in
+``Quantizer.runtime``, their fields are None, and only the exact float paths lower them.
+Zero points outside the integer range and non-integer bit widths are valid QONNX too, and
+are not refused here.
 """
 
 from __future__ import annotations
@@ -29,26 +31,40 @@ _BIASED_PRODUCERS = frozenset({"MatMul", "Conv", "Gemm", "ConvTranspose"})
 
 @dataclass(frozen=True)
 class Minifloat:
-    """FloatQuant's format: the constant inputs 2-5 and the attributes (SPEC 1.4)."""
+    """FloatQuant's format: inputs 2-5 and the attributes (SPEC 1.4).
 
-    exponent_bits: int
-    mantissa_bits: int
-    bias: int
-    max_val: float
+    A format parameter computed at run time is ``None``; only ``is_constant`` formats have
+    a ``limit`` known now.
+    """
+
+    exponent_bits: int | None
+    mantissa_bits: int | None
+    bias: int | None
+    max_val: float | None
     has_inf: bool
     has_nan: bool
     has_subnormal: bool
     saturation: bool
 
     @property
+    def is_constant(self) -> bool:
+        return None not in (self.exponent_bits, self.mantissa_bits, self.bias, self.max_val)
+
+    @property
     def limit(self) -> np.float32:
         """The clamp bound ``min(minifloat_max, max_val)`` in float32, as the semantics take it."""
+        assert self.exponent_bits is not None and self.mantissa_bits is not None and self.bias is not None, "run-time format"
         return np.minimum(
             np.float32(semantics.minifloat_max(self.exponent_bits, self.mantissa_bits, self.bias)), np.float32(self.max_val)
         )
 
     def describe(self) -> str:
         overflow = "saturating" if self.saturation else ("overflow to inf" if self.has_inf else "overflow to NaN")
+        if not self.is_constant:
+            def known(value: object) -> str:
+                return "run-time" if value is None else f"{value:g}"
+            return (f"exponent bits {known(self.exponent_bits)}, mantissa bits {known(self.mantissa_bits)}, "
+                    f"bias {known(self.bias)}, max_val {known(self.max_val)}, {overflow}")
         return f"e{self.exponent_bits}m{self.mantissa_bits} bias {self.bias}, max {float(self.limit):g}, {overflow}"
 
 
@@ -138,13 +154,9 @@ def _input(node: gs.Node, index: int, what: str) -> gs.Tensor:
 
 
 def _constant(node: gs.Node, index: int, what: str) -> np.ndarray:
+    """A parameter the caller knows is constant (``_constant_or_runtime`` decides that)."""
     tensor = _input(node, index, what)
-    if not isinstance(tensor, gs.Constant):
-        raise UnsupportedError(
-            f"{what} ({tensor.name!r}) is computed at run time; qlower lowers a Quant's run-time scale, zero "
-            f"point and bit width and a FloatQuant's run-time scale, not this",
-            node.name,
-        )
+    assert isinstance(tensor, gs.Constant), f"{node.name}: {what} is computed at run time"
     return np.asarray(tensor.values, dtype=np.float32)
 
 
@@ -224,10 +236,12 @@ def analyse_node(node: gs.Node) -> Quantizer:
     shape = _static_shape(node.inputs[0])
     rank = len(shape) if shape is not None else None
     if node.op == "BipolarQuant":
-        scale = _constant(node, 1, "scale")  # run-time BipolarQuant scales are not lowered yet
-        _check_scale(node, scale)
-        _check_broadcast(node, shape, scale, "scale")
-        return Quantizer(node, _role(node), scale, np.zeros((), np.float32), input_rank=rank)
+        runtime: list[str] = []
+        scale = _constant_or_runtime(node, 1, "scale", runtime)
+        if scale is not None:
+            _check_scale(node, scale)
+            _check_broadcast(node, shape, scale, "scale")
+        return Quantizer(node, _role(node), scale, np.zeros((), np.float32), input_rank=rank, runtime=tuple(runtime))
     if node.op == "Quant":
         return _analyse_quant(node, shape, rank)
     if node.op == "Trunc":
@@ -281,14 +295,23 @@ def _analyse_float_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int
     if scale is not None:
         _check_scale(node, scale)
         _check_broadcast(node, shape, scale, "scale")
-    max_val = _constant(node, 5, "max_val")
-    if max_val.size != 1 or not np.isfinite(max_val).all() or float(max_val.reshape(())) <= 0:
+
+    def whole(index: int, what: str, minimum: int | None) -> int | None:
+        if not isinstance(_input(node, index, what), gs.Constant):
+            runtime.append(what)
+            return None
+        return _whole(node, index, what, minimum)
+
+    exponent_bits, mantissa_bits = whole(2, "exponent bit width", 1), whole(3, "mantissa bit width", 0)
+    bias = whole(4, "exponent bias", None)
+    max_val = _constant_or_runtime(node, 5, "max_val", runtime)
+    if max_val is not None and (max_val.size != 1 or not np.isfinite(max_val).all() or float(max_val.reshape(())) <= 0):
         raise InvalidQuantizerError(f"max_val must be a single finite positive value, got {max_val.ravel()[:4].tolist()}", node.name)
     minifloat = Minifloat(
-        exponent_bits=_whole(node, 2, "exponent bit width", 1),
-        mantissa_bits=_whole(node, 3, "mantissa bit width", 0),
-        bias=_whole(node, 4, "exponent bias", None),
-        max_val=float(max_val.reshape(())),
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        bias=bias,
+        max_val=None if max_val is None else float(max_val.reshape(())),
         has_inf=_flag(node, "has_inf", 0),
         has_nan=_flag(node, "has_nan", 0),
         has_subnormal=_flag(node, "has_subnormal", 1),
@@ -304,27 +327,29 @@ def _analyse_float_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int
 
 def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
     version = 2 if len(node.inputs) == 6 else 1
-    scale, zero_point = _constant(node, 1, "scale"), _constant(node, 2, "zero point")
-    _check_scale(node, scale)
-    in_bits = _scalar_bit_width(node, _constant(node, 3, "input bit width"), "input bit width")
-    if version == 2:
-        out_scale = _constant(node, 4, "output scale")
+    runtime: list[str] = []
+    scale = _constant_or_runtime(node, 1, "scale", runtime)
+    zero_point = _constant_or_runtime(node, 2, "zero point", runtime)
+    # Version 2 never reads its input bit width (SPEC 1.3), so computing it at run time changes nothing.
+    raw_in_bits = _constant_or_runtime(node, 3, "input bit width", runtime if version == 1 else [])
+    in_bits = None if raw_in_bits is None else _scalar_bit_width(node, raw_in_bits, "input bit width")
+    out_scale = _constant_or_runtime(node, 4, "output scale", runtime) if version == 2 else None
+    raw_out_bits = _constant_or_runtime(node, 5 if version == 2 else 4, "output bit width", runtime)
+    out_bits = None if raw_out_bits is None else _scalar_bit_width(node, raw_out_bits, "output bit width")
+    if scale is not None:
+        _check_scale(node, scale)
+        _check_broadcast(node, shape, scale, "scale")
+    if out_scale is not None:
         _check_scale(node, out_scale, "output scale")
-        out_bits = _scalar_bit_width(node, _constant(node, 5, "output bit width"), "output bit width")
-        default_mode = None
-    else:
-        out_scale = None
-        out_bits = _scalar_bit_width(node, _constant(node, 4, "output bit width"), "output bit width")
-        default_mode = None  # required in both versions, as in QONNX and the reference executor
-    for param, what in ((scale, "scale"), (zero_point, "zero point")):
-        _check_broadcast(node, shape, param, what)
-    if not np.all(np.isfinite(zero_point)):
-        raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
+    if zero_point is not None:
+        _check_broadcast(node, shape, zero_point, "zero point")
+        if not np.all(np.isfinite(zero_point)):
+            raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
     return Quantizer(
         node, _role(node), scale, zero_point, out_bits,
         signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
-        rounding_mode=_rounding_mode(node, default_mode), input_rank=rank,
-        trunc_version=version, in_bit_width=in_bits, out_scale=out_scale,
+        rounding_mode=_rounding_mode(node, None), input_rank=rank,  # required in both versions, as in QONNX
+        trunc_version=version, in_bit_width=in_bits, out_scale=out_scale, runtime=tuple(runtime),
     )
 
 

@@ -16,7 +16,9 @@ v1/v2, FloatQuant) sit on activations, weights and biases with:
   exports them) and other minifloats (1..6 exponent bits, 0..5 mantissa bits, biases and
   maxima on and off the format's own), saturating or not, on activations and weights;
 * Quants with a scale computed at run time (``ReduceMax(|x|) * c + eps``), sometimes a
-  run-time bit width too;
+  run-time bit width too; BipolarQuants with a run-time scale (per tensor or per element);
+  Truncs (v1/v2) with a run-time scale and sometimes a run-time zero point, output scale
+  and bit widths; FloatQuants with a run-time exponent / mantissa width, bias or max_val;
 * every rounding mode, in any letter case;
 * every QONNX domain spelling, the ``IntQuant`` alias, opsets 11..21 (and ``opset=21`` on
   convert), IR 6..10, optional shape information, an optional symbolic batch dimension,
@@ -258,6 +260,89 @@ class _Builder:
         )
         return _Tensor(out, x.shape)
 
+    def runtime_scale(self, x: _Tensor, factor: float) -> str:
+        """A scale computed in the graph from ``x``: per tensor ``ReduceMax(|x|) * c + eps``, or
+        one scale per element ``|x| * c + eps`` (any broadcastable shape is valid QONNX)."""
+        magnitude = self.node("Abs", [x.name])
+        if self.draw(st.booleans()):
+            magnitude = self.node("ReduceMax", [magnitude], keepdims=0)
+        return self.node("Add", [self.node("Mul", [magnitude, self.const("scale_factor", np.array(factor, F32))]), self.const("scale_floor", np.array(1e-3, F32))])
+
+    def runtime_bipolar(self, x: _Tensor) -> _Tensor:
+        """A BipolarQuant whose scale is computed at run time (XNOR-Net style magnitudes)."""
+        factor = self.draw(st.sampled_from([1.0, 0.5, 1 / 3]))
+        out = self.node("BipolarQuant", [x.name, self.runtime_scale(x, factor)], domain=self.domain)
+        self.note(f"{self.nodes[-1].name}: BipolarQuant on {x.name}{list(x.shape)} with a run-time scale (|x| * {factor:g} + 1e-3)")
+        return _Tensor(out, x.shape)
+
+    def runtime_value(self, x: _Tensor, value: float) -> str:
+        """A scalar parameter computed at run time that always equals ``value``: ``Size(x) * 0 + value``."""
+        size = self.node("Cast", [self.node("Size", [x.name])], to=TensorProto.FLOAT)
+        return self.node("Add", [self.node("Mul", [size, self.const("zero", np.array(0, F32))]), self.const("value", np.array(value, F32))])
+
+    def runtime_trunc(self, x: _Tensor) -> _Tensor:
+        """A Trunc whose scale is computed at run time, and sometimes its zero point, output scale
+        and bit widths (k = 2^round(log2(out_scale/scale)) then snaps in the graph)."""
+        version = self.draw(st.sampled_from(sorted(self.trunc_versions) or [1, 2]))
+        self.trunc_versions.add(version)
+        in_bits = self.draw(st.integers(4, 16))
+        out_bits = self.draw(st.integers(1, in_bits))
+        scale = self.runtime_scale(x, 1.0 / 2 ** (in_bits - 1))
+        zp = float(self.draw(st.integers(-3, 3))) if self.draw(st.booleans()) else 0.0
+        runtime = {name for name in ("zero point", "input bits", "output bits", "output scale") if self.draw(st.integers(0, 2)) == 0}
+
+        def param(name: str, prefix: str, value: float) -> str:
+            return self.runtime_value(x, value) if name in runtime else self.const(prefix, np.array(value, F32))
+
+        inputs = [x.name, scale, param("zero point", "zero_point", zp), param("input bits", "in_bit_width", float(in_bits))]
+        mode = self.rounding_mode(prefer_round=False)
+        attrs: dict[str, object] = {"rounding_mode": mode}
+        extra = ""
+        if version == 2:
+            ratio = _pick(self.draw, [(4, 2.0 ** self.draw(st.integers(-2, 6))), (1, self.draw(st.sampled_from([3.0, 0.3, 1.4142135, 1.4142137, 5.9])))])
+            ratio_name = self.const("ratio", np.array(ratio, F32))
+            out_scale = self.node("Mul", [scale, ratio_name]) if "output scale" in runtime else self.const("out_scale", np.array(ratio * 0.01, F32))
+            inputs += [out_scale, param("output bits", "out_bit_width", float(out_bits))]
+            signed, narrow = self.draw(st.booleans()), _pick(self.draw, [(3, False), (1, True)])
+            attrs.update(signed=int(signed), narrow=int(narrow))
+            extra = f" ratio={ratio:g} signed={int(signed)} narrow={int(narrow)}"
+        else:
+            inputs.append(param("output bits", "out_bit_width", float(out_bits)))
+        out = self.node("Trunc", inputs, domain=self.domain, **attrs)
+        self.note(
+            f"{self.nodes[-1].name}: Trunc v{version} on {x.name}{list(x.shape)} with a run-time scale"
+            f"{''.join(f', run-time {name}' for name in sorted(runtime))} in_bits={in_bits} out_bits={out_bits} mode={mode} zp={zp:g}{extra}"
+        )
+        return _Tensor(out, x.shape)
+
+    def runtime_float_quant(self, x: _Tensor) -> _Tensor:
+        """A FloatQuant whose exponent / mantissa width, bias or max_val (some of them) and
+        sometimes scale are computed at run time; formats as ``float_quant`` draws them, and
+        biases whose steps leave float32 (lowered exactly by clamping the step)."""
+        exponent, mantissa = self.draw(st.integers(1, 8)), self.draw(st.integers(0, 10))
+        bias = _pick(self.draw, [(6, self.draw(st.integers(-2, 2 ** (exponent - 1) + 2))), (1, self.draw(st.sampled_from([127, 150, -100])))])
+        top_exponent = 2**exponent - 1 - bias
+        top = (2.0 - 2.0**-mantissa) * 2.0 ** min(top_exponent, 127)
+        max_val = float(F32(min(_pick(self.draw, [(3, top), (1, top / 3), (1, top * 2)]), 3e38)))
+        attrs: dict[str, object] = {}
+        if self.draw(st.integers(0, 3)) == 0:
+            attrs["saturation"] = 0
+            attrs[self.draw(st.sampled_from(["has_inf", "has_nan"]))] = 1
+        mode = self.rounding_mode(prefer_round=True)
+        if mode != "ROUND":
+            attrs["rounding_mode"] = mode
+        names = ("exponent_bitwidth", "mantissa_bitwidth", "exponent_bias", "max_val")
+        runtime = {name for name in names if self.draw(st.booleans())} or {self.draw(st.sampled_from(names))}
+        params = dict(zip(names, (exponent, mantissa, bias, max_val)))
+        scale = self.runtime_scale(x, 1.0 / max(max_val, 1e-30)) if self.draw(st.booleans()) else self.const("scale", np.array(self.draw(st.sampled_from([1.0, 0.1, 0.37])), F32))
+        inputs = [x.name, scale, *(self.runtime_value(x, float(value)) if name in runtime else self.const(name, np.array(value, F32)) for name, value in params.items())]
+        out = self.node("FloatQuant", inputs, domain=self.domain, **attrs)
+        self.note(
+            f"{self.nodes[-1].name}: FloatQuant on {x.name}{list(x.shape)} e{exponent}m{mantissa} bias={bias} max={max_val:g} "
+            f"run-time {', '.join(sorted(runtime))} {attrs}"
+        )
+        return _Tensor(out, x.shape)
+
     def float_quant(self, x: _Tensor, *, role: str, channel_axis: int | None) -> _Tensor:
         """A FloatQuant: OCP FP8 (e4m3 / e5m2, as Brevitas exports them) or another minifloat."""
         kind = _pick(self.draw, [(3, "e4m3"), (2, "e5m2"), (3, "other")])
@@ -347,6 +432,13 @@ class _Builder:
         if kind == "float":
             return self.float_quant(x, role="activation", channel_axis=axis)
         if kind == "runtime":
+            runtime_kind = _pick(self.draw, [(3, "quant"), (1, "bipolar"), (2, "trunc"), (2, "float")])
+            if runtime_kind == "bipolar":
+                return self.runtime_bipolar(x)
+            if runtime_kind == "trunc":
+                return self.runtime_trunc(x)
+            if runtime_kind == "float":
+                return self.runtime_float_quant(x)
             return self.runtime_quant(x)
         if kind == "bipolar":
             return self.bipolar(x, role="activation", channel_axis=axis)

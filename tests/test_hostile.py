@@ -57,7 +57,6 @@ EXPECTED: dict[str, tuple[type[QlowerError], str | None]] = {
     "quant_missing_inputs.onnx": (InvalidQuantizerError, "short_quant"),
     "bipolar_negative_scale.onnx": (InvalidQuantizerError, "bipolar"),
     "weight_quant_zero_scale.onnx": (InvalidQuantizerError, "weight_quant"),
-    "trunc_dynamic_scale.onnx": (UnsupportedError, "dynamic_trunc"),  # valid, not lowered yet
     "float_quant_overflow_undefined.onnx": (InvalidQuantizerError, "float_quant"),
     "float_quant_mantissa_2_5.onnx": (InvalidQuantizerError, "float_quant"),
     "float_quant_max_val_0.onnx": (InvalidQuantizerError, "float_quant"),
@@ -84,7 +83,6 @@ FRAGMENTS: dict[str, tuple[str, ...]] = {
     "opset_too_new.onnx": ("opset 99",),
     "inconsistent_tensor_data.onnx": ("'s'",),
     "output_from_nothing.onnx": ("'ghost'",),
-    "trunc_dynamic_scale.onnx": ("run time",),
     "float_quant_overflow_undefined.onnx": ("has_inf or has_nan",),
     "float_quant_mantissa_2_5.onnx": ("2.5",),
     "trunc_v1_declared_v2.onnx": ("opset 2",),
@@ -148,7 +146,7 @@ def test_api_raises_exact_class(name: str, tmp_path: Path) -> None:
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["quant_zero_scale.onnx", "cyclic.onnx", "trunc_dynamic_scale.onnx"])
+@pytest.mark.parametrize("name", ["quant_zero_scale.onnx", "cyclic.onnx", "control_flow.onnx"])
 def test_api_refuses_bytes_and_protos_the_same_way(name: str) -> None:
     """The same refusal whether the model arrives as a path, bytes or a ModelProto."""
     import onnx
@@ -164,7 +162,7 @@ def test_api_refuses_bytes_and_protos_the_same_way(name: str) -> None:
 @pytest.mark.parametrize("target", ["qcdq", "qop"])
 @pytest.mark.parametrize("name", sorted(make_corpus.LOWERED))
 def test_once_refused_valid_inputs_lower_exactly(name: str, target: str) -> None:
-    """Valid QONNX the corpus used to hold (run-time scale, zero point outside the range,
+    """Valid QONNX the corpus used to hold (run-time Quant and Trunc scales, zero point outside the range,
     2.5 and 33 bits) converts and verifies bit-identical at ORT_DISABLE_ALL."""
     result = qlower.convert(make_corpus.LOWERED[name](), target)
     verification = result.report.verification

@@ -102,3 +102,25 @@ def emit_dequantize(em: Emitter, q: gs.Tensor, scale: Operand, zero_point: Opera
     if not _is_zero(zero_point):
         q = em.node("Sub", [q, operand(em, "zero_point_out", zero_point)])
     return em.node("Mul", [q, operand(em, "scale_out", scale)], final=True)
+
+
+def emit_count_at_or_below(em: Emitter, value: gs.Tensor, thresholds: np.ndarray, label: str) -> gs.Tensor:
+    """How many of the ascending float32 ``thresholds`` are ``<= value``, per element (int64).
+
+    A binary search in the graph: each step Gathers one threshold per element and keeps the
+    larger candidate where ``value`` reaches it (``label`` names its constants). Every step is an exact comparison, and the
+    memory per element stays constant whatever the table's length (comparing against the
+    whole table at once would need one bool per threshold and element). NaN reaches nothing
+    and counts 0. Thresholds are padded with NaN, which no value reaches, up to a power of two.
+    """
+    levels = max(1, int(len(thresholds)).bit_length())
+    padded = np.full(2**levels, np.nan, F32)
+    padded[1 : len(thresholds) + 1] = thresholds  # candidate c tests thresholds[c - 1]
+    table = em.constant(f"{label}_thresholds", padded)
+    count: gs.Tensor = em.constant(f"{label}_start", np.zeros((), np.int64))
+    for level in reversed(range(levels)):
+        step = em.constant(f"{label}_step_{level}", np.array(2**level, np.int64))
+        candidate = em.node("Add", [count, step], dtype=np.int64)
+        reached = em.node("GreaterOrEqual", [value, em.node("Gather", [table, candidate])], dtype=np.bool_)
+        count = em.node("Where", [reached, candidate, count], dtype=np.int64)
+    return count

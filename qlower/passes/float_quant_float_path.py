@@ -16,7 +16,7 @@ a power of two round exactly as ``ldexp`` does, and the rounding ops are the one
 integer float path uses, so the result is bit-identical. Values beyond ``2^(hi+1)`` use
 the top step: they round to at least ``2^(hi+1) > limit`` either way, so the clamp or
 the overflow value is the same. Formats whose steps float32 cannot hold (bias beyond
-about +-125) are refused by name.
+about +-125) go to ``float_quant_format_float_path``.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def _emit_step(em: Emitter, t: gs.Tensor, mf: Minifloat) -> gs.Tensor:
     return em.node("Gather", [em.constant("steps", steps), index])
 
 
-def _emit_overflow(em: Emitter, q: gs.Tensor, clipped: gs.Tensor, mf: Minifloat) -> gs.Tensor:
-    limit = em.constant("limit", np.asarray(mf.limit, F32))
+def emit_overflow(em: Emitter, q: gs.Tensor, clipped: gs.Tensor, limit: gs.Tensor, negative_limit: gs.Tensor, has_inf: bool) -> gs.Tensor:
+    """Without saturation, values rounded past the limit become +-inf (``has_inf``) or NaN."""
     above = em.node("Greater", [q, limit], dtype=np.bool_)
-    below = em.node("Less", [q, em.constant("negative_limit", np.asarray(-mf.limit, F32))], dtype=np.bool_)
-    if mf.has_inf:
+    below = em.node("Less", [q, negative_limit], dtype=np.bool_)
+    if has_inf:
         low = em.node("Where", [below, em.constant("minus_inf", np.array(-np.inf, F32)), clipped])
         return em.node("Where", [above, em.constant("plus_inf", np.array(np.inf, F32)), low])
     either = em.node("Or", [above, below], dtype=np.bool_)
@@ -68,13 +68,13 @@ def _emit_overflow(em: Emitter, q: gs.Tensor, clipped: gs.Tensor, mf: Minifloat)
 
 class FloatQuantFloatPath(QuantizerPass):
     name = "float_quant_float_path"
-    matches = "FloatQuant on a run-time input or with a run-time scale (any format, rounding mode, saturation)"
+    matches = "FloatQuant on a run-time input or with a run-time scale (any constant format whose steps float32 holds, rounding mode, saturation)"
     emits = "Div -> binade count (Abs, Unsqueeze, GreaterOrEqual, Cast, ReduceSum) -> Gather(step) -> Div -> rounding ops -> Mul -> Clip -> [Where] -> Mul(t - t + 1) -> Mul"
     uses_float_path = True
     takes_runtime_parameters = True
 
     def applies_to(self, q: Quantizer) -> bool:
-        return q.op == "FloatQuant" and (bool(q.runtime) or not q.is_constant_input)
+        return q.op == "FloatQuant" and q.minifloat is not None and q.minifloat.is_constant and (bool(q.runtime) or not q.is_constant_input)
 
     def check(self, q: Quantizer, ctx: LoweringContext) -> str | None:
         assert q.minifloat is not None
@@ -93,9 +93,10 @@ class FloatQuantFloatPath(QuantizerPass):
         step = _emit_step(em, t, mf)
         q_value = em.node("Mul", [emit_rounding(em, em.node("Div", [t, step]), q.rounding_mode), step])
         limit = np.asarray(mf.limit, F32)
-        clipped = em.node("Clip", [q_value, em.constant("clip_min", -limit), em.constant("clip_max", limit)])
+        low, high = em.constant("clip_min", -limit), em.constant("clip_max", limit)
+        clipped = em.node("Clip", [q_value, low, high])
         if not mf.saturation:
-            clipped = _emit_overflow(em, q_value, clipped, mf)
+            clipped = emit_overflow(em, q_value, clipped, high, low, mf.has_inf)
         # t - t + 1 is 1 for a finite t and NaN otherwise; multiplying by it keeps -0 (ONNX
         # Runtime's Where returns +0 when it selects a -0 from its first branch).
         one_or_nan = em.node("Add", [em.node("Sub", [t, t]), em.constant("one", np.array(1, F32))])

@@ -35,7 +35,7 @@ def _emit_sign(em: Emitter, t: gs.Tensor) -> gs.Tensor:
     return em.node("Where", [non_negative, em.constant("plus_one", np.array(1, F32)), em.constant("minus_one", np.array(-1, F32))])
 
 
-def _emit_runtime_bounds(em: Emitter, bits: gs.Tensor, signed: bool, narrow: bool) -> tuple[gs.Tensor, gs.Tensor]:
+def emit_runtime_bounds(em: Emitter, bits: gs.Tensor, signed: bool, narrow: bool) -> tuple[gs.Tensor, gs.Tensor]:
     """``semantics.float_range`` in the graph, for a bit width known only at run time."""
     two = em.constant("two", np.array(2, F32))
     if signed:
@@ -72,7 +72,7 @@ class QuantFloatPath(QuantizerPass):
             emit_dequantize(em, rounded, scale, zero_point)
             return f"float ops: range [{q_min:g},{q_max:g}], {q.rounding_mode} rounding{runtime}"
         bits = em.node("Reshape", [q.node.inputs[3], em.constant("scalar_shape", np.zeros((0,), np.int64))])
-        low, high = _emit_runtime_bounds(em, bits, q.signed, q.narrow)
+        low, high = emit_runtime_bounds(em, bits, q.signed, q.narrow)
         rounded = emit_rounding(em, em.node("Clip", [t, low, high]), q.rounding_mode)
         if q.signed:
             one_bit = em.node("Equal", [bits, em.constant("one_bit", np.array(1, F32))], dtype=np.bool_)

@@ -11,8 +11,10 @@ from .activation_qcdq import ActivationQCDQ
 from .base import GraphPass, QuantizerPass
 from .bias_accumulator_grid import BiasAccumulatorGrid
 from .bipolar_activation import BipolarActivation
+from .bipolar_float_path import BipolarFloatPath
 from .float8_activation import Float8Activation
 from .float_quant_float_path import FloatQuantFloatPath
+from .float_quant_format_float_path import FloatQuantFormatFloatPath
 from .fold_constant_float import FoldConstantToFloat
 from .float_average_pool import FloatAveragePool
 from .fold_constant_float8 import FoldConstantFloat8
@@ -31,10 +33,12 @@ _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
     ActivationQCDQ(),
     Float8Activation(),
     BipolarActivation(),
+    BipolarFloatPath(),
     TruncUnitRatioQDQ(),
     TruncToFloatOps(),
     QuantFloatPath(),
     FloatQuantFloatPath(),
+    FloatQuantFormatFloatPath(),
     FoldConstantToFloat(),
 )
 

@@ -2,7 +2,7 @@
 
 Every file is something qlower must refuse cleanly (one error line, exit code 2, no output
 file, no traceback). ``LOWERED`` builds inputs that once were refused but are valid QONNX
-and lowered now (run-time scale, zero point outside the range, 2.5 and 33 bits); they are
+and lowered now (run-time Quant and Trunc scales, zero point outside the range, 2.5 and 33 bits); they are
 not written as files, ``tests/test_hostile.py`` converts and verifies them. ``tests/test_hostile.py`` holds the table of what each file must raise
 and which node the message must name, and checks that this script reproduces the committed
 files byte for byte. Everything here is deterministic (fixed seeds, fixed names).
@@ -259,7 +259,7 @@ def dynamic_scale() -> onnx.ModelProto:
 
 
 def trunc_dynamic_scale() -> onnx.ModelProto:
-    """Valid QONNX that qlower does not lower: a Trunc whose scale is computed at run time."""
+    """A Trunc whose scale is computed at run time (valid QONNX, once refused)."""
     node = helper.make_node(
         "Trunc", ["x", "s", "z", "ib", "os", "ob"], ["y"], name="dynamic_trunc", domain=QONNX, rounding_mode="FLOOR"
     )
@@ -402,7 +402,6 @@ CORPUS: dict[str, Callable[[], bytes | onnx.ModelProto]] = {
     "quant_missing_inputs.onnx": quant_missing_inputs,
     "bipolar_negative_scale.onnx": bipolar_negative_scale,
     "weight_quant_zero_scale.onnx": weight_quant_zero_scale,
-    "trunc_dynamic_scale.onnx": trunc_dynamic_scale,
     "float_quant_overflow_undefined.onnx": float_quant_overflow_undefined,
     "float_quant_mantissa_2_5.onnx": float_quant_mantissa_2_5,
     "float_quant_max_val_0.onnx": float_quant_max_val_0,
@@ -423,6 +422,7 @@ CORPUS: dict[str, Callable[[], bytes | onnx.ModelProto]] = {
 # Valid QONNX that older qlower refused; lowered and verified now (not written as files).
 LOWERED: dict[str, Callable[[], onnx.ModelProto]] = {
     "dynamic_scale": dynamic_scale,
+    "trunc_dynamic_scale": trunc_dynamic_scale,
     "quant_bitwidth_2_5": quant_bitwidth_2_5,
     "quant_bitwidth_33": quant_bitwidth_33,
     "quant_zero_point_out_of_range": quant_zero_point_out_of_range,
