@@ -62,46 +62,70 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 def reference_output(acc: np.ndarray, multiplier: float, offset: float, low: int, high: int) -> np.ndarray:
     """``T``: the real-valued unit's rounding, in float64 (half to even), clipped."""
-    return np.clip(np.rint(float(multiplier) * np.asarray(acc, np.float64) + float(offset)), low, high).astype(np.int64)
+    return _reference(np.asarray(acc), np.float64(multiplier), np.float64(offset), low, high)
+
+
+def _reference(acc: np.ndarray, multiplier: np.ndarray, offset: np.ndarray, low: int, high: int) -> np.ndarray:
+    """``T`` with ``multiplier``/``offset`` broadcast against ``acc`` (one row per channel)."""
+    return np.clip(np.rint(multiplier * acc.astype(np.float64) + offset), low, high).astype(np.int64)
 
 
 def ort_output(acc: np.ndarray, k: int, bias: int, multiplier: np.float32, low: int, high: int) -> np.ndarray:
     """``F``: ONNX Runtime's requantization of the k-scaled accumulator plus an int32 bias."""
     total = int(k) * np.asarray(acc, np.int64) + int(bias)
+    return _ort(total, np.asarray(multiplier, F32), low, high)
+
+
+def _ort(total: np.ndarray, multiplier: np.ndarray, low: int, high: int) -> np.ndarray:
+    """``F`` of int64 totals ``k * acc + B`` (refused outside int32), ``multiplier`` float32 broadcast."""
     if np.any(total < INT32_MIN) or np.any(total > INT32_MAX):
         raise OverflowError("k * acc + B leaves int32")
-    scaled = total.astype(F32) * F32(multiplier)  # float32 conversion, float32 product
+    scaled = total.astype(F32) * multiplier  # float32 conversion, float32 product
     return np.clip(np.rint(scaled), low, high).astype(np.int64)
 
 
 def checkpoints(acc_low: int, acc_high: int, multiplier: float, offset: float, low: int, high: int) -> np.ndarray:
     """Both ends of ``[acc_low, acc_high]`` and both sides of every step of ``T`` inside it."""
-    ends = np.array([acc_low, acc_high], np.int64)
-    if multiplier == 0 or acc_low == acc_high:
-        return np.unique(ends)
-    # Work where T rises: for M < 0 mirror acc (M * acc == (-M) * (-acc) exactly in float).
-    sign = 1 if multiplier > 0 else -1
-    slope = abs(float(multiplier))
-    lo_mirror, hi_mirror = (acc_low, acc_high) if sign > 0 else (-acc_high, -acc_low)
-    levels = np.arange(low, high, dtype=np.int64)  # T steps from <= n to > n
-    guess = np.floor((levels + 0.5 - float(offset)) / slope)
-    last_at_or_below = np.clip(np.nan_to_num(guess, posinf=hi_mirror, neginf=lo_mirror - 1), lo_mirror - 1, hi_mirror).astype(np.int64)
+    points, first = _checkpoint_rows(np.array([acc_low], np.int64), np.array([acc_high], np.int64),
+                                     np.array([multiplier], np.float64), np.array([offset], np.float64), low, high)
+    return points[0][first[0]]
 
-    def t(points: np.ndarray) -> np.ndarray:
-        return reference_output(points, slope, offset, low, high)
+
+def _checkpoint_rows(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndarray, offset: np.ndarray,
+                     low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`checkpoints` of every channel at once: rows of sorted points [C, 2 + 2 (high - low)]
+    and a mask of each value's first occurrence (a row's unused places repeat its ``acc_low``,
+    which leaves every maximum, minimum and comparison over the row unchanged)."""
+    # Channels with a constant T (M == 0, or one accumulator) have only their ends.
+    stepping = ((multiplier != 0) & (acc_low != acc_high))[:, None]
+    # Work where T rises: for M < 0 mirror acc (M * acc == (-M) * (-acc) exactly in float).
+    sign = np.where(multiplier > 0, 1, -1)[:, None]
+    slope = np.where(stepping[:, 0], np.abs(multiplier), 1.0)[:, None]
+    offset = offset[:, None]
+    lo_mirror = np.where(sign > 0, acc_low[:, None], -acc_high[:, None])
+    hi_mirror = np.where(sign > 0, acc_high[:, None], -acc_low[:, None])
+    levels = np.arange(low, high, dtype=np.int64)  # T steps from <= n to > n
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        guess = np.floor((levels + 0.5 - offset) / slope)
+    guess = np.where(np.isnan(guess), 0.0, guess)  # +-inf clip to the ends below
+    last_at_or_below = np.clip(guess, lo_mirror - 1, hi_mirror).astype(np.int64)
 
     # Correct the float estimate on T itself: the last point with T <= n.
     for _ in range(64):
-        too_high = (last_at_or_below >= lo_mirror) & (t(last_at_or_below) > levels)
-        too_low = (last_at_or_below < hi_mirror) & (t(last_at_or_below + 1) <= levels)
+        too_high = stepping & (last_at_or_below >= lo_mirror) & (_reference(last_at_or_below, slope, offset, low, high) > levels)
+        too_low = stepping & (last_at_or_below < hi_mirror) & (_reference(last_at_or_below + 1, slope, offset, low, high) <= levels)
         if not (too_high.any() or too_low.any()):
             break
         last_at_or_below = last_at_or_below - too_high + too_low
     else:  # pragma: no cover - a float64 estimate is never 64 points off
         raise AssertionError("step search did not converge")
-    sides = np.concatenate([last_at_or_below, last_at_or_below + 1])
-    sides = sides[(sides >= lo_mirror) & (sides <= hi_mirror)]
-    return np.unique(np.concatenate([ends, sign * sides]))
+    sides = np.concatenate([last_at_or_below, last_at_or_below + 1], axis=1)
+    inside = stepping & (sides >= lo_mirror) & (sides <= hi_mirror)
+    sides = np.where(inside, sign * sides, acc_low[:, None])
+    points = np.sort(np.concatenate([acc_low[:, None], acc_high[:, None], sides], axis=1), axis=1)
+    first = np.ones(points.shape, bool)
+    first[:, 1:] = points[:, 1:] != points[:, :-1]
+    return points, first
 
 
 @dataclass(frozen=True)
@@ -123,54 +147,59 @@ def _target_bounds(targets: np.ndarray, low: int, high: int) -> tuple[np.ndarray
     return below, above
 
 
-def _slope_interval(points: np.ndarray, below: np.ndarray, above: np.ndarray, k: int, b: int,
-                    sign: float) -> tuple[float, float] | None:
-    """Slopes ``s`` (= ``M' * k``) with ``s * (p + B/k)`` inside every target interval, in reals."""
-    c = points.astype(np.float64) + b / k
+def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k: int, b: np.ndarray,
+                     sign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row and bias ``b`` [A, N], slopes ``s`` (= ``M' * k``) with ``s * (p + B/k)`` inside
+    every target interval, in reals: ``(lowest, highest, feasible)``, each [A, N]."""
+    c = points[:, None, :] + (b / k)[:, :, None]
+    below, above = below[:, None, :], above[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         first, second = below / c, above / c
-    lower = np.where(c > 0, first, second)
-    upper = np.where(c > 0, second, first)
+    ahead = c > 0
     on_zero = c == 0
-    if np.any(on_zero & ~((below < 0) & (above > 0))):
-        return None
-    lowest = max(float(np.max(lower[~on_zero], initial=-np.inf)), 0.0 if sign > 0 else -np.inf)
-    highest = min(float(np.min(upper[~on_zero], initial=np.inf)), 0.0 if sign < 0 else np.inf)
-    return (lowest, highest) if lowest < highest else None
+    lowest = np.maximum(np.where(on_zero, -np.inf, np.where(ahead, first, second)).max(axis=2),
+                        np.where(sign > 0, 0.0, -np.inf)[:, None])
+    highest = np.minimum(np.where(on_zero, np.inf, np.where(ahead, second, first)).min(axis=2),
+                         np.where(sign < 0, 0.0, np.inf)[:, None])
+    feasible = ~np.any(on_zero & ~((below < 0) & (above > 0)), axis=2) & (lowest < highest)
+    return lowest, highest, feasible
 
 
-def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multiplier: float, k: int,
-                int32_range: tuple[int, int]) -> list[tuple[int, np.float32]]:
-    """(B, M') pairs to try for one ``k``: biases around the real-feasible window at the true
-    slope, each with a multiplier from the middle of the slopes that bias allows."""
-    scaled = multiplier * points.astype(np.float64)
-    d_low, d_high = float(np.max(below - scaled)), float(np.min(above - scaled))
-    ends = sorted((k * d_low / multiplier, k * d_high / multiplier))
-    finite = [e for e in ends if np.isfinite(e)]
-    if not finite:
-        finite = [0.0]
-    first, last = (ends[0] if np.isfinite(ends[0]) else finite[-1]), (ends[1] if np.isfinite(ends[1]) else finite[0])
+def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multiplier: np.ndarray, k: int,
+                int32_low: np.ndarray, int32_high: np.ndarray, biases: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, M') pairs to try for one ``k``, in order, per row: biases around the real-feasible
+    window at the true slope, each with a multiplier from the middle of the slopes that bias
+    allows. Returned as ``(exists, B, M')`` [A, 3 * biases] for the first ``biases`` of the
+    nine: a row's candidates are the columns where ``exists`` (a repeated bias or an
+    unusable multiplier does not exist)."""
+    scaled = multiplier[:, None] * points
+    d_low, d_high = (below - scaled).max(axis=1), (above - scaled).min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        one, two = k * d_low / multiplier, k * d_high / multiplier
+    ends = np.minimum(one, two), np.maximum(one, two)
+    finite = np.isfinite(ends[0]), np.isfinite(ends[1])
+    first = np.where(finite[0], ends[0], np.where(finite[1], ends[1], 0.0))
+    last = np.where(finite[1], ends[1], np.where(finite[0], ends[0], 0.0))
     middle = (first + last) / 2
-    biases = [np.rint(middle), np.floor(middle), np.ceil(middle), np.floor(first) + 1, np.ceil(last) - 1,
-              np.floor(first), np.ceil(last), np.floor(first) - 1, np.ceil(last) + 1]
-    sign = 1.0 if multiplier > 0 else -1.0
-    found: list[tuple[int, np.float32]] = []
-    seen: set[int] = set()
-    for value in biases:
-        b = int(min(max(value, int32_range[0]), int32_range[1]))
-        if b in seen:
-            continue
-        seen.add(b)
-        slopes = _slope_interval(points, below, above, k, b, sign)
-        if slopes is None:
-            found.append((b, F32(multiplier / k)))
-            continue
-        lowest, highest = slopes
-        s = (lowest + highest) / 2 if np.isfinite(lowest) and np.isfinite(highest) else (
-            multiplier if lowest < multiplier < highest else (lowest * 2 if np.isfinite(lowest) else highest / 2))
-        nearest = F32(s / k)
-        found += [(b, nearest), (b, np.nextafter(nearest, F32(np.inf))), (b, np.nextafter(nearest, F32(-np.inf)))]
-    return [(b, m) for b, m in found if m != 0 and np.isfinite(m) and np.sign(m) == sign]
+    around = np.stack([np.rint(middle), np.floor(middle), np.ceil(middle), np.floor(first) + 1, np.ceil(last) - 1,
+                       np.floor(first), np.ceil(last), np.floor(first) - 1, np.ceil(last) + 1], axis=1)
+    b = np.minimum(np.maximum(around[:, :biases], int32_low[:, None]), int32_high[:, None]).astype(np.int64)
+    earlier = np.tri(biases, k=-1, dtype=bool)  # [j, i]: bias i comes before bias j
+    new = ~np.any((b[:, :, None] == b[:, None, :]) & earlier, axis=2)
+    sign = np.where(multiplier > 0, 1.0, -1.0)
+    lowest, highest, feasible = _slope_intervals(points, below, above, k, b, sign)
+    true_slope = multiplier[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.where(np.isfinite(lowest) & np.isfinite(highest), (lowest + highest) / 2,
+                     np.where((lowest < true_slope) & (true_slope < highest), true_slope,
+                              np.where(np.isfinite(lowest), lowest * 2, highest / 2)))
+        nearest = np.where(feasible, s / k, true_slope / k).astype(F32)
+    # Per bias: the nearest multiplier, then (where the slopes allow) one float32 step up and down.
+    m = np.stack([nearest, np.nextafter(nearest, F32(np.inf)), np.nextafter(nearest, F32(-np.inf))], axis=2)
+    exists = np.stack([new, new & feasible, new & feasible], axis=2)
+    exists &= (m != 0) & np.isfinite(m) & (np.sign(m) == sign[:, None, None])
+    rows = len(points)
+    return exists.reshape(rows, -1), np.repeat(b, 3, axis=1), m.reshape(rows, -1)
 
 
 def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float, low: int, high: int,
@@ -183,32 +212,116 @@ def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float
     program in reals: ``s * (p + B/k)`` inside each target's rounding interval), then
     checked exactly in float32. The first exact choice wins, so ``k`` is the smallest.
     """
-    if low > high or acc_low > acc_high:
+    k, bias, chosen, missed, checked, worst = _choose_rows(
+        np.array([acc_low], np.int64), np.array([acc_high], np.int64), np.array([multiplier], np.float64),
+        np.array([offset], np.float64), low, high, np.array([k_max], np.int64))
+    return ChannelChoice(int(k[0]), int(bias[0]), chosen[0], int(missed[0]), int(checked[0]), int(worst[0]))
+
+
+# Channels searched together: their checkpoint rows hold at most this many points in all
+# (the search holds 27 candidates of each: a few MB per temporary).
+_POINTS_PER_BLOCK = 1 << 15
+
+
+def _choose_rows(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndarray, offset: np.ndarray,
+                 low: int, high: int, k_max: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`choose_channel` for every channel, in blocks of channels searched at once with
+    numpy; each channel tries the same candidates in the same order and keeps the same one
+    as a search of that channel alone. Returns ``(k, B, M', missed, checked, worst)``."""
+    if low > high or np.any(acc_low > acc_high):
         raise ValueError("empty output or accumulator range")
-    if multiplier == 0:
-        constant = int(np.clip(np.rint(offset), low, high))
-        return ChannelChoice(0, constant, F32(1.0), 0, 1)
-    points = checkpoints(acc_low, acc_high, multiplier, offset, low, high)
-    targets = reference_output(points, multiplier, offset, low, high)
-    if targets[0] == targets[-1]:  # T is monotone: constant over the whole range (e.g. M ~ 0)
-        return ChannelChoice(0, int(targets[0]), F32(1.0), 0, len(points))
-    below, above = _target_bounds(targets, low, high)
-    biggest = max(abs(acc_low), abs(acc_high))
-    best: ChannelChoice | None = None
-    for k in range(1, max(k_max, 1) + 1):
-        if k * biggest > INT32_MAX:
+    channels = len(acc_low)
+    block = max(1, _POINTS_PER_BLOCK // (2 + 2 * (high - low)))
+    parts = [_choose_block(acc_low[s:s + block], acc_high[s:s + block], multiplier[s:s + block],
+                           offset[s:s + block], low, high, k_max[s:s + block]) for s in range(0, channels, block)]
+    k, bias, chosen, missed, checked, worst = (np.concatenate(column) for column in zip(*parts)) if parts else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, F32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+        np.zeros(0, np.int64))
+    return k, bias, chosen, missed, checked, worst
+
+
+@dataclass
+class _Search:
+    """One block of channels being searched: their checked points and targets, and the best
+    choice found for each so far."""
+
+    acc_low: np.ndarray
+    acc_high: np.ndarray
+    true_multiplier: np.ndarray
+    points: np.ndarray  # [C, P] int64, each row's checked accumulators (repeats allowed)
+    first: np.ndarray  # [C, P] bool: a value's first place in its row (what is counted)
+    targets: np.ndarray  # [C, P] T at the points
+    low: int
+    high: int
+    k: np.ndarray
+    bias: np.ndarray
+    multiplier: np.ndarray
+    missed: np.ndarray
+    worst: np.ndarray
+    found: np.ndarray  # has a choice (the best so far)
+    open: np.ndarray  # still searching: no exact choice yet
+
+
+def _choose_block(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndarray, offset: np.ndarray,
+                  low: int, high: int, k_max: np.ndarray) -> tuple[np.ndarray, ...]:
+    channels = len(acc_low)
+    bias = np.zeros(channels, np.int64)
+    zero = multiplier == 0  # constant output rint(offset): zero weights, B carries it
+    bias[zero] = np.clip(np.rint(offset[zero]), low, high).astype(np.int64)
+    points, first = _checkpoint_rows(acc_low, acc_high, multiplier, offset, low, high)
+    checked = np.where(zero, 1, first.sum(axis=1))
+    targets = _reference(points, multiplier[:, None], offset[:, None], low, high)
+    # T is monotone: constant over the whole range (e.g. M ~ 0) when equal at both ends.
+    constant = ~zero & (targets[:, 0] == targets[:, -1])
+    bias[constant] = targets[constant, 0]
+    search = _Search(acc_low, acc_high, multiplier, points, first, targets, low, high, np.zeros(channels, np.int64),
+                     bias, np.ones(channels, F32), np.zeros(channels, np.int64), np.zeros(channels, np.int64),
+                     np.zeros(channels, bool), ~zero & ~constant)
+    biggest = np.maximum(np.abs(acc_low), np.abs(acc_high))
+    limit = np.maximum(k_max, 1)
+    factor = 1
+    while True:
+        rows = np.nonzero(search.open & (factor <= limit) & (factor * biggest <= INT32_MAX))[0]
+        if not rows.size:
             break
-        int32_range = (INT32_MIN - k * acc_low, INT32_MAX - k * acc_high)
-        for b, m in _candidates(points, below, above, multiplier, k, int32_range):
-            errors = np.abs(ort_output(points, k, b, m, low, high) - targets)
-            missed = int(np.count_nonzero(errors))
-            if best is None or missed < best.missed:
-                best = ChannelChoice(k, b, m, missed, len(points), int(errors.max()))
-                if missed == 0:
-                    return best
-    if best is None:  # even k = 1 overflows int32: no integer unit can hold this channel
+        # Most channels are exact at the first bias: try its three multipliers on every row,
+        # then all 27 candidates on the rest (their first exact one lies past those three).
+        exact = _try_candidates(search, rows, factor, biases=1)
+        _try_candidates(search, rows[~exact], factor, biases=9)
+        factor += 1
+    if np.any(~zero & ~constant & ~search.found):  # even k = 1 overflows int32: no integer unit can hold this channel
         raise OverflowError("the accumulator range does not fit int32")
-    return best
+    return search.k, search.bias, search.multiplier, search.missed, checked, search.worst
+
+
+def _try_candidates(search: _Search, rows: np.ndarray, factor: int, biases: int) -> np.ndarray:
+    """Try ``k = factor`` with the candidates of the first ``biases`` biases on ``rows``; each
+    row keeps the first candidate that misses fewest if it misses fewer than its best so far
+    (the first exact one when there is one), as trying them in order and stopping at an
+    exact one does. Returns which of ``rows`` are now exact."""
+    if not rows.size:
+        return np.zeros(0, bool)
+    s = search
+    below, above = _target_bounds(s.targets[rows], s.low, s.high)
+    exists, b, m = _candidates(s.points[rows].astype(np.float64), below, above, s.true_multiplier[rows], factor,
+                               (INT32_MIN - factor * s.acc_low[rows]).astype(np.float64),
+                               (INT32_MAX - factor * s.acc_high[rows]).astype(np.float64), biases)
+    totals = factor * s.points[rows][:, None, :] + b[:, :, None]  # [A, candidates, P]
+    if np.any(totals[exists] < INT32_MIN) or np.any(totals[exists] > INT32_MAX):
+        raise OverflowError("k * acc + B leaves int32")
+    with np.errstate(invalid="ignore", over="ignore"):  # candidates that do not exist may hold inf or 0
+        errors = np.abs(_ort(np.where(exists[:, :, None], totals, 0), m[:, :, None], s.low, s.high) - s.targets[rows][:, None, :])
+    misses = np.where(exists, np.count_nonzero((errors != 0) & s.first[rows][:, None, :], axis=2), np.iinfo(np.int64).max)
+    pick = np.argmin(misses, axis=1)
+    fewest = misses[np.arange(rows.size), pick]
+    better = np.any(exists, axis=1) & (~s.found[rows] | (fewest < s.missed[rows]))
+    keep, chosen = pick[better], rows[better]
+    s.k[chosen], s.bias[chosen], s.multiplier[chosen] = factor, b[better, keep], m[better, keep]
+    s.missed[chosen], s.worst[chosen] = fewest[better], errors[better, keep].max(axis=1)
+    s.found[chosen] = True
+    exact = better & (fewest == 0)
+    s.open[rows[exact]] = False
+    return exact
 
 
 # ---- a whole unit ---------------------------------------------------------------------
@@ -249,10 +362,18 @@ class UnitChoice:
 
 def weight_factor_limit(weights: np.ndarray, low: int, high: int) -> int:
     """The largest ``k`` with ``k * w`` inside ``[low, high]`` for every weight of a channel."""
+    return int(_weight_factor_limits(np.asarray(weights).reshape(1, -1), low, high)[0])
+
+
+def _weight_factor_limits(weights: np.ndarray, low: int, high: int) -> np.ndarray:
+    """:func:`weight_factor_limit` of each row of ``weights`` [C, K]."""
     w = weights.astype(np.int64)
-    limits = [high // int(w.max())] if w.max() > 0 else []
-    limits += [(-low) // int(-w.min())] if w.min() < 0 else []
-    return max(1, min(limits)) if limits else 1
+    largest, smallest = w.max(axis=1), w.min(axis=1)
+    unbounded = np.iinfo(np.int64).max
+    by_high = np.where(largest > 0, high // np.maximum(largest, 1), unbounded)
+    by_low = np.where(smallest < 0, (-low) // np.maximum(-smallest, 1), unbounded)
+    limit = np.minimum(by_high, by_low)
+    return np.where(limit == unbounded, 1, np.maximum(1, limit))
 
 
 def choose_unit(weights: np.ndarray, x_low: int, x_high: int, multiplier: np.ndarray, offset: np.ndarray,
@@ -263,18 +384,9 @@ def choose_unit(weights: np.ndarray, x_low: int, x_high: int, multiplier: np.nda
     weights exceed them keeps ``k = 1`` and the caller stores a wider container.
     """
     acc_low, acc_high = accumulator_range(weights, x_low, x_high)
-    choices = []
-    for c in range(weights.shape[0]):
-        k_max = weight_factor_limit(weights[c], weight_low, weight_high)
-        if not np.any(weights[c]):  # acc is always 0: any k, the constant comes from B
-            k_max = 1
-        choices.append(choose_channel(int(acc_low[c]), int(acc_high[c]), float(multiplier[c]), float(offset[c]),
-                                      low, high, k_max))
-    return UnitChoice(
-        np.array([ch.k for ch in choices], np.int64),
-        np.array([ch.bias for ch in choices], np.int32),
-        np.array([ch.multiplier for ch in choices], F32),
-        np.array([ch.missed for ch in choices], np.int64),
-        np.array([ch.checked for ch in choices], np.int64),
-        np.array([ch.worst for ch in choices], np.int64),
-    )
+    # A channel of zero weights has acc always 0: any k, the constant comes from B.
+    k_max = np.where(np.any(weights, axis=1), _weight_factor_limits(weights, weight_low, weight_high), 1)
+    k, bias, chosen, missed, checked, worst = _choose_rows(
+        acc_low, acc_high, np.asarray(multiplier, np.float64).reshape(-1), np.asarray(offset, np.float64).reshape(-1),
+        low, high, k_max)
+    return UnitChoice(k, np.array(bias.tolist(), np.int32), chosen, missed, checked, worst)

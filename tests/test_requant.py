@@ -70,6 +70,26 @@ def test_checkpoints_hold_every_step_of_the_reference(channel: tuple[int, int, f
     assert len(points) <= 2 * (high - low) + 2
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.integers(1, 24), st.sampled_from(OUTPUT_RANGES))
+def test_channels_searched_together_choose_what_each_alone_chooses(seed: int, channels: int, output: tuple[int, int]) -> None:
+    """choose_unit searches a block of channels at once with numpy: every channel must get
+    exactly the choice its own search gets (no channel's progress steers another's)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.integers(-8, 8, (channels, 6)) * rng.integers(0, 2, (channels, 1))
+    multiplier = rng.uniform(-0.3, 0.3, channels) * rng.choice([1.0, 0.0, 1e-4], channels)
+    offset = rng.uniform(-40, 40, channels)
+    low, high = output
+    unit = choose_unit(weights, 0, 15, multiplier, offset, low, high)
+    acc_low, acc_high = accumulator_range(weights, 0, 15)
+    for c in range(channels):
+        k_max = weight_factor_limit(weights[c], -128, 127) if np.any(weights[c]) else 1
+        alone = choose_channel(int(acc_low[c]), int(acc_high[c]), float(multiplier[c]), float(offset[c]), low, high, k_max)
+        assert (unit.k[c], unit.bias[c], unit.missed[c], unit.checked[c], unit.worst[c]) == (
+            alone.k, alone.bias, alone.missed, alone.checked, alone.worst)
+        assert unit.multiplier[c].tobytes() == np.float32(alone.multiplier).tobytes()
+
+
 def test_the_search_beats_the_naive_fold() -> None:
     """Typical BatchNorm-folded channels: rounding the offset to the accumulator grid (k = 1,
     M' = M) misses steps that a small k and a chosen B and M' hit."""
