@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..links import detach
 from ..taps import Tap
 from .base import GraphPass, LoweringContext, NodeEmitter, UnitRecord
 from .integer_paths import PASS_THROUGH, integer_path
@@ -85,8 +86,7 @@ class RoundedOutputsAsIntegers(GraphPass):
             em = NodeEmitter(ctx.graph, mul.name)
             output = mul.outputs[0]
             scale = np.asarray(scales[index], F32)
-            mul.inputs.clear()
-            mul.outputs.clear()
+            detach(mul)  # run_graph_pass relinks the constants it read
             shifted = rounded if offset == 0 else em.node("Add", [rounded, em.constant("shift", np.asarray(offset, F32))])
             integers = em.node("Cast", [shifted], {"to": onnx.TensorProto.UINT8}, dtype=np.uint8)
             em.write("DequantizeLinear", [integers, em.constant("scale", scale), em.constant("zero_point", np.asarray(offset, np.uint8))],
