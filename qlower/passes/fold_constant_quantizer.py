@@ -38,11 +38,12 @@ def _grid(q: Quantizer) -> np.ndarray:
     return semantics.quant_integer(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
 
 
-def _reference(q: Quantizer) -> np.ndarray:
-    values = np.asarray(q.x.values, dtype=np.float32)
+def _reference(q: Quantizer, grid: np.ndarray) -> np.ndarray:
+    """The quantizer's output from its grid values: ``semantics.quant`` / ``bipolar_quant``
+    step for step, without computing the grid (the costly part on large weights) again."""
     if q.op == "BipolarQuant":
-        return semantics.bipolar_quant(values, q.scale)
-    return semantics.quant(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
+        return (grid * np.asarray(q.scale, np.float32)).astype(np.float32)
+    return ((grid - np.asarray(q.zero_point, np.float32)) * np.asarray(q.scale, np.float32)).astype(np.float32)
 
 
 def _needs_clip(q: Quantizer, container: type, ctx: LoweringContext) -> bool:
@@ -56,6 +57,11 @@ class FoldConstantQuantizer(QuantizerPass):
     name = "fold_constant_quantizer"
     matches = "Quant | BipolarQuant on a constant input, constant parameters"
     emits = "integer initializer -> [Clip] -> DequantizeLinear(scale, zero_point, axis)"
+
+    def __init__(self) -> None:
+        # The grid and clipped integers ``check`` computed for the quantizer ``rewrite`` is about
+        # to lower (run_pass calls rewrite right after a check that returns None): once per weight.
+        self._checked: tuple[Quantizer, np.ndarray, np.ndarray] | None = None
 
     def applies_to(self, q: Quantizer) -> bool:
         return q.op in ("Quant", "BipolarQuant") and q.is_constant_input
@@ -82,18 +88,23 @@ class FoldConstantQuantizer(QuantizerPass):
         if np.any(difference < INT32_MIN) or np.any(difference > INT32_MAX):
             return "q - zero point overflows int32, the type DequantizeLinear subtracts in"
         dequantized = difference.astype(np.float32) * q.scale
-        if not np.array_equal(dequantized, _reference(q)):
+        if not np.array_equal(dequantized, _reference(q, grid)):
             return f"the {info.dtype} container cannot reproduce every folded value exactly"
+        self._checked = (q, grid, stored)
         return None
 
     def rewrite(self, q: Quantizer, ctx: LoweringContext) -> str:
         container = _container(q)
         info = np.iinfo(container)
         em = Emitter(ctx, q)
-        grid = _grid(q)  # already broadcast against scale and zero point
-        _, axis = per_axis_layout([q.scale, q.zero_point], grid.ndim)
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] is q:
+            grid, stored = checked[1], checked[2].astype(container)  # inside the container: exact
+        else:
+            grid = _grid(q)
+            stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(container)
+        _, axis = per_axis_layout([q.scale, q.zero_point], grid.ndim)  # grid: broadcast against scale and zero point
         scale, zero_point = broadcast_pair(q.scale, q.zero_point)
-        stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(container)
         values = em.constant("quantized", stored)
         dq_scale = em.constant("scale", scalar_or_vector(scale, axis, np.float32))
         dq_zero_point = em.constant("zero_point", scalar_or_vector(np.round(zero_point), axis, container))
