@@ -59,8 +59,9 @@ class FoldConstantQuantizer(QuantizerPass):
     emits = "integer initializer -> [Clip] -> DequantizeLinear(scale, zero_point, axis)"
 
     def __init__(self) -> None:
-        # The grid and clipped integers ``check`` computed for the quantizer ``rewrite`` is about
-        # to lower (run_pass calls rewrite right after a check that returns None): once per weight.
+        # The grid and the integers to store (clipped, or the grid itself) that ``check``
+        # computed for the quantizer ``rewrite`` is about to lower (run_pass calls rewrite
+        # right after a check that returns None): computed once per weight.
         self._checked: tuple[Quantizer, np.ndarray, np.ndarray] | None = None
 
     def applies_to(self, q: Quantizer) -> bool:
@@ -75,13 +76,21 @@ class FoldConstantQuantizer(QuantizerPass):
         if not fits:
             return f"scale {q.scale.shape} / zero point {q.zero_point.shape} vary along more than one axis"
         grid = _grid(q)
-        info = np.iinfo(_container(q))
-        # A 32-bit range clamps at float32(2**31 - 1) == 2**31, one past int32; storing
-        # the clamped value is only exact if dequantization still gives the same float.
-        stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(np.int64)
+        container = _container(q)
+        info = np.iinfo(container)
         zp_int = np.round(q.zero_point).astype(np.int64)
         if np.any(zp_int < info.min) or np.any(zp_int > info.max):
             return f"zero point does not fit the {info.dtype} container"
+        # The grid holds integers (it is rounded). Inside an 8-bit container they are stored
+        # as they are, and they and the integer zero point are exact in float32, so
+        # DequantizeLinear's float32(q - zp) * s and Quant's (q - zp) * s are one float32
+        # product of the same numbers: equal, no need to compute both. (NaN fails the test.)
+        if container is not np.int32 and info.min <= np.min(grid, initial=info.min) and np.max(grid, initial=info.max) <= info.max:
+            self._checked = (q, grid, grid)
+            return None
+        # A 32-bit range clamps at float32(2**31 - 1) == 2**31, one past int32; storing
+        # the clamped value is only exact if dequantization still gives the same float.
+        stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(np.int64)
         difference = stored - zp_int
         # ONNX Runtime's DequantizeLinear subtracts the zero point in int32, which wraps
         # around (q = -2^31 with zp = 3 dequantizes to a positive value).
@@ -99,7 +108,7 @@ class FoldConstantQuantizer(QuantizerPass):
         em = Emitter(ctx, q)
         checked, self._checked = self._checked, None
         if checked is not None and checked[0] is q:
-            grid, stored = checked[1], checked[2].astype(container)  # inside the container: exact
+            grid, stored = checked[1], checked[2].astype(container)  # integers inside the container: exact
         else:
             grid = _grid(q)
             stored = np.clip(grid.astype(np.float64), info.min, info.max).astype(container)
