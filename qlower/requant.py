@@ -73,14 +73,9 @@ def _reference(acc: np.ndarray, multiplier: np.ndarray, offset: np.ndarray, low:
 def ort_output(acc: np.ndarray, k: int, bias: int, multiplier: np.float32, low: int, high: int) -> np.ndarray:
     """``F``: ONNX Runtime's requantization of the k-scaled accumulator plus an int32 bias."""
     total = int(k) * np.asarray(acc, np.int64) + int(bias)
-    return _ort(total, np.asarray(multiplier, F32), low, high)
-
-
-def _ort(total: np.ndarray, multiplier: np.ndarray, low: int, high: int) -> np.ndarray:
-    """``F`` of int64 totals ``k * acc + B`` (refused outside int32), ``multiplier`` float32 broadcast."""
     if np.any(total < INT32_MIN) or np.any(total > INT32_MAX):
         raise OverflowError("k * acc + B leaves int32")
-    scaled = total.astype(F32) * multiplier  # float32 conversion, float32 product
+    scaled = total.astype(F32) * F32(multiplier)  # float32 conversion, float32 product
     return np.clip(np.rint(scaled), low, high).astype(np.int64)
 
 
@@ -302,22 +297,29 @@ def _try_candidates(search: _Search, rows: np.ndarray, factor: int, biases: int)
     if not rows.size:
         return np.zeros(0, bool)
     s = search
-    below, above = _target_bounds(s.targets[rows], s.low, s.high)
-    exists, b, m = _candidates(s.points[rows].astype(np.float64), below, above, s.true_multiplier[rows], factor,
+    points, targets = s.points[rows], s.targets[rows]
+    below, above = _target_bounds(targets, s.low, s.high)
+    exists, b, m = _candidates(points.astype(np.float64), below, above, s.true_multiplier[rows], factor,
                                (INT32_MIN - factor * s.acc_low[rows]).astype(np.float64),
                                (INT32_MAX - factor * s.acc_high[rows]).astype(np.float64), biases)
-    totals = factor * s.points[rows][:, None, :] + b[:, :, None]  # [A, candidates, P]
-    if np.any(totals[exists] < INT32_MIN) or np.any(totals[exists] > INT32_MAX):
+    # Each row's points hold both ends of its range, where k * acc + B is lowest and highest.
+    if np.any(exists & ((factor * s.acc_low[rows, None] + b < INT32_MIN) | (factor * s.acc_high[rows, None] + b > INT32_MAX))):
         raise OverflowError("k * acc + B leaves int32")
+    totals = (factor * points)[:, None, :] + b[:, :, None]  # [A, candidates, P]
     with np.errstate(invalid="ignore", over="ignore"):  # candidates that do not exist may hold inf or 0
-        errors = np.abs(_ort(np.where(exists[:, :, None], totals, 0), m[:, :, None], s.low, s.high) - s.targets[rows][:, None, :])
-    misses = np.where(exists, np.count_nonzero((errors != 0) & s.first[rows][:, None, :], axis=2), np.iinfo(np.int64).max)
+        values = np.clip(np.rint(totals.astype(F32) * m[:, :, None]), s.low, s.high)  # F before its int64 cast
+    if max(abs(s.low), abs(s.high)) <= 2**24:  # integers exact in float32: compare there
+        wrong = values != targets.astype(F32)[:, None, :]
+    else:
+        wrong = values.astype(np.int64) != targets[:, None, :]
+    misses = np.where(exists, np.count_nonzero(wrong & s.first[rows][:, None, :], axis=2), np.iinfo(np.int64).max)
     pick = np.argmin(misses, axis=1)
     fewest = misses[np.arange(rows.size), pick]
     better = np.any(exists, axis=1) & (~s.found[rows] | (fewest < s.missed[rows]))
     keep, chosen = pick[better], rows[better]
     s.k[chosen], s.bias[chosen], s.multiplier[chosen] = factor, b[better, keep], m[better, keep]
-    s.missed[chosen], s.worst[chosen] = fewest[better], errors[better, keep].max(axis=1)
+    s.missed[chosen] = fewest[better]
+    s.worst[chosen] = np.abs(values[better, keep].astype(np.int64) - targets[better]).max(axis=1)
     s.found[chosen] = True
     exact = better & (fewest == 0)
     s.open[rows[exact]] = False
@@ -332,7 +334,9 @@ def accumulator_range(weights: np.ndarray, x_low: int, x_high: int) -> tuple[np.
     when every ``x - zx`` lies in ``[x_low, x_high]`` (widened to hold 0, the padding value)."""
     x_low, x_high = min(int(x_low), 0), max(int(x_high), 0)
     w = weights.astype(np.int64)
-    positive, negative = np.where(w > 0, w, 0).sum(axis=1), np.where(w < 0, w, 0).sum(axis=1)
+    total, magnitude = w.sum(axis=1), np.abs(w).sum(axis=1)
+    positive = (total + magnitude) // 2  # the sum of the positive weights, exactly
+    negative = total - positive
     return positive * x_low + negative * x_high, positive * x_high + negative * x_low
 
 
