@@ -150,14 +150,18 @@ def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k
     below, above = below[:, None, :], above[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         first, second = below / c, above / c
-    ahead = c > 0
+    # below < above, so at c > 0 the bound from below is the smaller quotient, at c < 0 the
+    # larger (infinite bounds included; no quotient is 0, the bounds are k +- 1/2).
+    low_bound, high_bound = np.minimum(first, second), np.maximum(first, second)
     on_zero = c == 0
-    lowest = np.maximum(np.where(on_zero, -np.inf, np.where(ahead, first, second)).max(axis=2),
-                        np.where(sign > 0, 0.0, -np.inf)[:, None])
-    highest = np.minimum(np.where(on_zero, np.inf, np.where(ahead, second, first)).min(axis=2),
-                         np.where(sign < 0, 0.0, np.inf)[:, None])
-    feasible = ~np.any(on_zero & ~((below < 0) & (above > 0)), axis=2) & (lowest < highest)
-    return lowest, highest, feasible
+    if on_zero.any():  # s * 0 needs 0 inside the target interval; the point bounds no slope
+        low_bound[on_zero], high_bound[on_zero] = -np.inf, np.inf
+        allowed = ~np.any(on_zero & ~((below < 0) & (above > 0)), axis=2)
+    else:
+        allowed = True
+    lowest = np.maximum(low_bound.max(axis=2), np.where(sign > 0, 0.0, -np.inf)[:, None])
+    highest = np.minimum(high_bound.min(axis=2), np.where(sign < 0, 0.0, np.inf)[:, None])
+    return lowest, highest, allowed & (lowest < highest)
 
 
 def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multiplier: np.ndarray, k: int,
