@@ -144,10 +144,10 @@ def _target_bounds(targets: np.ndarray, low: int, high: int) -> tuple[np.ndarray
 
 def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k: int, b: np.ndarray,
                      sign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row and bias ``b`` [A, N], slopes ``s`` (= ``M' * k``) with ``s * (p + B/k)`` inside
-    every target interval, in reals: ``(lowest, highest, feasible)``, each [A, N]."""
-    c = points[:, None, :] + (b / k)[:, :, None]
-    below, above = below[:, None, :], above[:, None, :]
+    """Per row (its points, target intervals, bias ``b`` and slope sign), the slopes ``s``
+    (= ``M' * k``) with ``s * (p + B/k)`` inside every target interval, in reals:
+    ``(lowest, highest, feasible)``."""
+    c = points + (b / k)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         first, second = below / c, above / c
     # below < above, so at c > 0 the bound from below is the smaller quotient, at c < 0 the
@@ -156,11 +156,11 @@ def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k
     on_zero = c == 0
     if on_zero.any():  # s * 0 needs 0 inside the target interval; the point bounds no slope
         low_bound[on_zero], high_bound[on_zero] = -np.inf, np.inf
-        allowed = ~np.any(on_zero & ~((below < 0) & (above > 0)), axis=2)
+        allowed = ~np.any(on_zero & ~((below < 0) & (above > 0)), axis=1)
     else:
         allowed = True
-    lowest = np.maximum(low_bound.max(axis=2), np.where(sign > 0, 0.0, -np.inf)[:, None])
-    highest = np.minimum(high_bound.min(axis=2), np.where(sign < 0, 0.0, np.inf)[:, None])
+    lowest = np.maximum(low_bound.max(axis=1), np.where(sign > 0, 0.0, -np.inf))
+    highest = np.minimum(high_bound.min(axis=1), np.where(sign < 0, 0.0, np.inf))
     return lowest, highest, allowed & (lowest < highest)
 
 
@@ -186,7 +186,12 @@ def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multip
     earlier = np.tri(biases, k=-1, dtype=bool)  # [j, i]: bias i comes before bias j
     new = ~np.any((b[:, :, None] == b[:, None, :]) & earlier, axis=2)
     sign = np.where(multiplier > 0, 1.0, -1.0)
-    lowest, highest, feasible = _slope_intervals(points, below, above, k, b, sign)
+    # Slope intervals for each new bias only (a repeated bias has no candidates).
+    lowest, highest = np.zeros(b.shape), np.zeros(b.shape)
+    feasible = np.zeros(b.shape, bool)
+    row, slot = np.nonzero(new)
+    lowest[row, slot], highest[row, slot], feasible[row, slot] = _slope_intervals(
+        points[row], below[row], above[row], k, b[row, slot], sign[row])
     true_slope = multiplier[:, None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s = np.where(np.isfinite(lowest) & np.isfinite(highest), (lowest + highest) / 2,
@@ -309,21 +314,26 @@ def _try_candidates(search: _Search, rows: np.ndarray, factor: int, biases: int)
     # Each row's points hold both ends of its range, where k * acc + B is lowest and highest.
     if np.any(exists & ((factor * s.acc_low[rows, None] + b < INT32_MIN) | (factor * s.acc_high[rows, None] + b > INT32_MAX))):
         raise OverflowError("k * acc + B leaves int32")
-    totals = (factor * points)[:, None, :] + b[:, :, None]  # [A, candidates, P]
-    with np.errstate(invalid="ignore", over="ignore"):  # candidates that do not exist may hold inf or 0
-        values = np.clip(np.rint(totals.astype(F32) * m[:, :, None]), s.low, s.high)  # F before its int64 cast
+    # Only the candidates that exist (a sixth of the columns), one per row of these arrays.
+    row, column = np.nonzero(exists)
+    where = np.full(exists.shape, -1)
+    where[row, column] = np.arange(row.size)
+    totals = factor * points[row] + b[row, column][:, None]
+    with np.errstate(over="ignore"):
+        values = np.clip(np.rint(totals.astype(F32) * m[row, column][:, None]), s.low, s.high)  # F before its int64 cast
     if max(abs(s.low), abs(s.high)) <= 2**24:  # integers exact in float32: compare there
-        wrong = values != targets.astype(F32)[:, None, :]
+        wrong = values != targets.astype(F32)[row]
     else:
-        wrong = values.astype(np.int64) != targets[:, None, :]
-    misses = np.where(exists, np.count_nonzero(wrong & s.first[rows][:, None, :], axis=2), np.iinfo(np.int64).max)
+        wrong = values.astype(np.int64) != targets[row]
+    misses = np.full(exists.shape, np.iinfo(np.int64).max)
+    misses[row, column] = np.count_nonzero(wrong & s.first[rows][row], axis=1)
     pick = np.argmin(misses, axis=1)
     fewest = misses[np.arange(rows.size), pick]
     better = np.any(exists, axis=1) & (~s.found[rows] | (fewest < s.missed[rows]))
     keep, chosen = pick[better], rows[better]
     s.k[chosen], s.bias[chosen], s.multiplier[chosen] = factor, b[better, keep], m[better, keep]
     s.missed[chosen] = fewest[better]
-    s.worst[chosen] = np.abs(values[better, keep].astype(np.int64) - targets[better]).max(axis=1)
+    s.worst[chosen] = np.abs(values[where[better, keep]].astype(np.int64) - targets[better]).max(axis=1)
     s.found[chosen] = True
     exact = better & (fewest == 0)
     s.open[rows[exact]] = False
