@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_convert.py
 	$(PY) tests/benchmarks/bench_deployed.py
 	$(PY) tests/benchmarks/bench_scale.py
+	$(PY) tests/benchmarks/bench_real_exports.py
 
 fuzz: $(STAMP)
 	QLOWER_FUZZ_EXAMPLES=$${QLOWER_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m slow tests/test_fuzz.py -p no:cacheprovider
