@@ -178,7 +178,8 @@ def emitted_forms(profile: Profile) -> dict[str, str]:
         "activation FloatQuant in an OCP float8 format (saturating, ROUND)": (
             "QuantizeLinear(float8, saturate=1) -> DequantizeLinear (opset 19+)"
             if profile.float8_activations
-            else "the exact float path (float ops; float8 conversion is inexact on this runtime)"
+            else "the exact float path (float8 conversion is inexact on this runtime); on a graph input under a scale"
+            " that is not a power of two, a lookup among exact thresholds"
         ),
         "bias": "int32 initializer -> DequantizeLinear(float32(s_x*s_w), 0) where exact",
         "binary activation (BipolarQuant, signed 1-bit Quant)": "GreaterOrEqual -> Where(+s, -s)",

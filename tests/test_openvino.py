@@ -96,3 +96,14 @@ def test_an_output_openvino_names_several_ways_is_found_by_its_own_name() -> Non
     lowered = qlower.convert(fixture, profile="openvino", verify_result=False).model
     report = verify(fixture, lowered, runtime="openvino", batches=1)
     assert [record.name for record in report.outputs] == ["118"], report.failures
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3_linear_bias", "fp8_e4m3_conv", "fp8_e5m2_conv_bias", "fp8_e5m2_linear"])
+def test_the_openvino_profile_of_the_fp8_fixtures_verifies_on_openvino(name: str) -> None:
+    # Their input FloatQuant is looked up among exact thresholds: the float path's Divide
+    # is a reciprocal multiply on OpenVINO, which moved ties of the input one float8 step
+    # (and OpenVINO's own float8 conversion rounds twice).
+    result = qlower.convert(BREVITAS_DIR / f"{name}.qonnx.onnx", profile="openvino", runtime="openvino", batches=2)
+    verification = result.report.verification
+    assert verification is not None and verification.passed, verification.failures
+    assert next(r for r in result.report.quantizers if r.role == "activation").lowered_by == "float_quant_input_lookup"

@@ -10,6 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 import qlower
+from qlower import semantics
 from qlower.profiles import OPENVINO, PORTABLE, PROFILES, emitted_forms, get_profile, openvino_config
 from qlower.reference import make_session
 from qlower.verification.inputs import make_inputs
@@ -292,8 +293,34 @@ def test_openvino_profile_takes_the_exact_float_path_for_float8_activations() ->
     path = BREVITAS_DIR / "fp8_e4m3_conv.qonnx.onnx"
     result = qlower.convert(path, profile="openvino", verify_result=False)
     activation = next(r for r in result.report.quantizers if r.role == "activation")
-    assert activation.lowered_by == "float_quant_float_path" and activation.float_path
+    # (this one reads a graph input: a lookup among exact thresholds, see below; others take the float path)
+    assert activation.lowered_by == "float_quant_input_lookup" and activation.float_path
     assert any(name == "float8_activation" and "keeps float8 QuantizeLinear out" in why for name, why in activation.skipped)
     portable = qlower.convert(path, verify_result=False)
     assert next(r for r in portable.report.quantizers if r.role == "activation").lowered_by == "float8_activation"
     assert nodes_of(portable.model, "QuantizeLinear") and not nodes_of(result.model, "QuantizeLinear")
+
+
+@pytest.mark.parametrize(
+    ("exponent", "mantissa", "bias", "max_val", "rounding"),
+    [(4, 3, 7, 448.0, "ROUND"), (5, 2, 15, 57344.0, "ROUND"), (3, 2, 3, 20.0, "FLOOR"), (2, 1, 1, 6.0, "ROUND")],
+    ids=["e4m3", "e5m2", "e3m2-floor", "e2m1"],
+)
+@pytest.mark.parametrize("scale", [0.37, 3.1e-3])
+def test_openvino_profile_looks_a_float_quant_graph_input_up_among_exact_thresholds(
+    exponent: int, mantissa: int, bias: int, max_val: float, rounding: str, scale: float
+) -> None:
+    from test_float8 import hard_inputs, same_bits
+
+    s = np.float32(scale)
+    x = hard_inputs(np.random.default_rng(0), mantissa, bias, s)
+    x = np.concatenate([x, np.array([np.nan, np.inf, -np.inf, 3e38, -3e38], np.float32)]).reshape(1, -1)
+    attrs = {"rounding_mode": rounding, "saturation": 1, "has_inf": 0, "has_nan": 1, "has_subnormal": 1}
+    model = helpers.make_qonnx_model("FloatQuant", [s, exponent, mantissa, bias, max_val], attrs, shape=x.shape, opset=19)
+    result = qlower.convert(model, profile="openvino", verify_result=False)
+    (record,) = result.report.quantizers
+    assert record.lowered_by == "float_quant_input_lookup" and record.float_path
+    with np.errstate(all="ignore"):
+        expected = semantics.float_quant(x, s, exponent, mantissa, bias, max_val, rounding_mode=rounding)
+    assert same_bits(_ort_outputs(result.model, x), expected).all()
+    assert qlower.convert(model, verify_result=False).report.quantizers[0].lowered_by != "float_quant_input_lookup"

@@ -21,8 +21,8 @@ the reference's own arithmetic (numpy float32: IEEE division, round half to even
 saturation, clamp). Every runtime compares floats exactly. The estimate ``q0`` may be
 wrong only where ``x`` lies within a few float32 ulps of a threshold, by one level, which
 the two comparisons put right: ``q`` equals the QuantizeLinear's integers for every
-non-NaN ``x``, infinities included (the outermost levels have NaN thresholds, which no
-comparison reaches; a level only +inf reaches has threshold +inf). NaN takes the same path as before (QuantizeLinear of NaN, then the
+non-NaN ``x``, infinities included (the outermost thresholds are -inf and +inf, and a
+final Clip keeps +inf at the top level). NaN takes the same path as before (QuantizeLinear of NaN, then the
 integer Clip). The QuantizeLinear of the integer-valued ``q`` with scale 1 stays, so a
 runtime still sees Q -> DQ and runs the next convolution on int8.
 
@@ -130,21 +130,28 @@ def levels_reached(quantized: Callable[[np.ndarray], np.ndarray]) -> tuple[int, 
     return int(low), int(high)
 
 
-def thresholds(quantized: Callable[[np.ndarray], np.ndarray], low: int, high: int) -> np.ndarray:
-    """For each level k in (low, high]: the smallest float32 x (+inf included) with quantized(x) >= k.
+def smallest_reaching(monotone: Callable[[np.ndarray], np.ndarray], targets: np.ndarray, start: float = -np.inf) -> np.ndarray:
+    """For each target: the smallest float32 x >= ``start`` (+inf included) with monotone(x) >= target.
 
-    ``low`` and ``high`` are what -inf and +inf give (:func:`levels_reached`), so bisection
-    over the ordered float32 values between them keeps quantized(lo) < k <= quantized(hi).
+    ``monotone`` is non-decreasing on [start, +inf], below every target at ``start`` and at
+    or above every target at +inf; bisection over the ordered float32 values keeps
+    monotone(lo) < target <= monotone(hi).
     """
-    levels = np.arange(low + 1, high + 1, dtype=np.float64)
-    lo = np.full(levels.shape, int(_ordered(np.float32(-np.inf))), np.int64)
-    hi = np.full(levels.shape, int(_ordered(np.float32(np.inf))), np.int64)
+    targets = np.asarray(targets)
+    lo = np.full(targets.shape, int(_ordered(np.float32(start))), np.int64)
+    hi = np.full(targets.shape, int(_ordered(np.float32(np.inf))), np.int64)
     while np.any(hi - lo > 1):
         middle = lo + (hi - lo) // 2
-        reached = quantized(_from_ordered(middle)) >= levels
+        reached = monotone(_from_ordered(middle)) >= targets
         hi = np.where(reached, middle, hi)
         lo = np.where(reached, lo, middle)
     return _from_ordered(hi).astype(np.float32)
+
+
+def thresholds(quantized: Callable[[np.ndarray], np.ndarray], low: int, high: int) -> np.ndarray:
+    """For each level k in (low, high]: the smallest float32 x (+inf included) with quantized(x) >= k;
+    ``low`` and ``high`` are what -inf and +inf give (:func:`levels_reached`)."""
+    return smallest_reaching(quantized, np.arange(low + 1, high + 1, dtype=np.float64))
 
 
 def _range_clip(quantize: gs.Node, graph: gs.Graph) -> tuple[int, int] | None:
@@ -201,9 +208,11 @@ class ExactInputQuantizers(GraphPass):
         quantized = _reference(ops, scale, zero_point, *(_range_clip(quantize, ctx.graph) or _CONTAINERS[container]))
         low, high = levels_reached(quantized)
         limits = thresholds(quantized, low, high)
-        nan = np.float32(np.nan)
-        below = np.concatenate([[nan], limits]).astype(np.float32)  # level low + j is reached at below[j]
-        above = np.concatenate([limits, [nan]]).astype(np.float32)  # level low + j + 1 at above[j]
+        # level low + j is reached at below[j], level low + j + 1 at above[j]; no NaN sentinels
+        # (OpenVINO's GreaterOrEqual is true for NaN, measured): +inf reaches one past the top,
+        # which the final Clip takes back.
+        below = np.concatenate([[-np.inf], limits]).astype(np.float32)
+        above = np.concatenate([limits, [np.inf]]).astype(np.float32)
 
         em = NodeEmitter(ctx.graph, quantize.name)
         f32 = lambda suffix, value: em.constant(suffix, np.array(value, np.float32))  # noqa: E731
@@ -218,6 +227,7 @@ class ExactInputQuantizers(GraphPass):
         upper = em.node("GreaterOrEqual", [source, em.node("Gather", [em.constant("above", above), index])], dtype=np.bool_)
         as_float = lambda flag: em.node("Cast", [flag], {"to": 1})  # noqa: E731
         exact = em.node("Add", [em.node("Sub", [estimate, as_float(lower)]), as_float(upper)])
+        exact = em.node("Clip", [exact, f32("lowest", low), f32("highest", high)])
         exact.shape = source.shape
         quantize.inputs[0] = exact
         quantize.inputs[1] = f32("unit_scale", 1.0)

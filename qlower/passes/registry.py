@@ -15,6 +15,7 @@ from .bipolar_float_path import BipolarFloatPath
 from .float8_activation import Float8Activation
 from .float_quant_float_path import FloatQuantFloatPath
 from .float_quant_format_float_path import FloatQuantFormatFloatPath
+from .float_quant_input_lookup import FloatQuantInputLookup
 from .fold_constant_float import FoldConstantToFloat
 from .float_average_pool import FloatAveragePool
 from .fold_constant_float8 import FoldConstantFloat8
@@ -37,6 +38,7 @@ _QCDQ_QUANTIZER_PASSES: tuple[QuantizerPass, ...] = (
     TruncUnitRatioQDQ(),
     TruncToFloatOps(),
     QuantFloatPath(),
+    FloatQuantInputLookup(),
     FloatQuantFloatPath(),
     FloatQuantFormatFloatPath(),
     FoldConstantToFloat(),
