@@ -262,6 +262,17 @@ def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mappi
 # The whole model
 
 
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same dtype, shape and bits (so -0.0 differs from 0.0 and NaN can equal NaN); other
+    dtypes (strings, objects) count as different, which only costs a recomputation."""
+    if a is b:
+        return True
+    if a.dtype != b.dtype or a.shape != b.shape or a.dtype.kind not in "biufc" or a.dtype.itemsize not in (1, 2, 4, 8):
+        return False
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(a.view(bits), b.view(bits)))
+
+
 @dataclass
 class _QonnxStep:
     label: str
@@ -273,6 +284,10 @@ class _QonnxStep:
     # evaluated on the first run and kept, so each run costs one evaluation per activation.
     constant: bool = False
     value: np.ndarray | None = None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output,)
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         if self.value is not None:
@@ -382,6 +397,7 @@ class ReferenceExecutor:
         perturb: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
         keep: Sequence[str] = (),
         replace: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+        base: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Execute the model on ``feeds`` (one array per real input); return every graph output.
 
@@ -393,26 +409,58 @@ class ReferenceExecutor:
         ``perturb`` but ``keep`` returns the value computed, not the one the nodes after it
         read (the verifier's unit-local reference: each tap recorded, then replaced by the
         lowered model's value).
+
+        ``base`` is what :meth:`trace` returned for the same ``feeds``: then only the steps
+        that read a value differing (bit for bit) from ``base`` run again, and every other
+        value is taken from ``base``. Every step is deterministic (numpy, and ORT on one
+        thread), so the result is the one a full run gives; a perturbation of the last
+        quantizers costs a few steps instead of the whole graph.
         """
+        return self._execute(feeds, perturb or {}, keep, replace or {}, base)[0]
+
+    def trace(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every value a plain run on ``feeds`` computes (graph outputs included), by name:
+        the ``base`` for later runs on the same feeds."""
+        return self._execute(feeds, {}, (), {}, None)[1]
+
+    def _execute(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        perturb: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+        keep: Sequence[str],
+        replace: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+        base: Mapping[str, np.ndarray] | None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One run: the results :meth:`run` returns and the whole environment."""
         missing = [name for name in self._input_names if name not in feeds]
         if missing:
             raise ValueError(f"no value given for model input(s) {', '.join(map(repr, missing))}")
-        env: dict[str, np.ndarray] = dict(self._constants)
-        env.update({name: np.asarray(feeds[name]) for name in self._input_names})
+        env: dict[str, np.ndarray] = dict(self._constants) if base is None else dict(base)
+        changed: set[str] = set()  # names whose value differs from base's
+        for name in self._input_names:
+            env[name] = np.asarray(feeds[name])
+            if base is not None and not _identical(env[name], base[name]):
+                changed.add(name)
         computed: dict[str, np.ndarray] = {}
         for step in self._steps:
-            step.run(env)
-            if perturb and isinstance(step, _QonnxStep) and step.output in perturb:
-                env[step.output] = perturb[step.output](env[step.output])
-            if replace and isinstance(step, _QonnxStep) and step.output in replace:
-                computed[step.output] = env[step.output]
-                env[step.output] = replace[step.output](env[step.output])
+            if base is None or not changed.isdisjoint(step.inputs):
+                step.run(env)
+                if base is not None:
+                    changed.update(name for name in step.outputs if not _identical(env[name], base[name]))
+            if isinstance(step, _QonnxStep) and (step.output in perturb or step.output in replace):
+                if step.output in perturb:
+                    env[step.output] = perturb[step.output](env[step.output])
+                if step.output in replace:
+                    computed[step.output] = env[step.output]
+                    env[step.output] = replace[step.output](env[step.output])
+                if base is not None and not _identical(env[step.output], base[step.output]):
+                    changed.add(step.output)
         for name in self._releasable:
             del self._constants[name]
         self._releasable = ()
         results = {name: np.array(env[name]) for name in self._output_names}
         results.update({name: np.array(computed.get(name, env.get(name))) for name in keep if name in env and name not in results})
-        return results
+        return results, env
 
     # -- planning -----------------------------------------------------------------------
 

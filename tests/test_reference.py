@@ -22,7 +22,7 @@ from qonnx.custom_op.general.trunc import trunc_v1 as qonnx_trunc_v1
 from qonnx.custom_op.general.trunc import trunc_v2 as qonnx_trunc_v2
 from qonnx.transformation.infer_shapes import InferShapes
 
-from helpers import QONNX_DOMAIN, make_qonnx_model, make_quant_model
+from helpers import QONNX_DOMAIN, make_conv_chain_model, make_qonnx_model, make_quant_model
 from paths import ZOO_MODELS
 from qlower import semantics
 from qlower.errors import InvalidModelError, InvalidQuantizerError, UnsupportedError
@@ -359,3 +359,37 @@ def test_groups_of_standard_nodes_match_whole_model_ort() -> None:
     ours = ReferenceExecutor(model).run({"x": x})
     whole = make_session(model, optimized=False).run(["y", "z"], {"x": x})
     assert np.array_equal(ours["y"], whole[0]) and np.array_equal(ours["z"], whole[1])
+
+
+def test_a_run_from_a_trace_recomputes_only_what_changed_and_equals_a_full_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The verifier's probe and unit-local runs start from the trace of the plain run.
+    import qlower.reference as reference_module
+
+    model = make_conv_chain_model(4, seed=3)
+    executor = ReferenceExecutor(model)
+    feeds = make_inputs(model, 1, seed=5)[0]
+    base = executor.trace(feeds)
+    quantized = [node.output[0] for node in model.graph.node if node.op_type == "Quant" and node.output[0].startswith("act_")]
+    assert len(quantized) == 5 and model.graph.node[-1].op_type == "Identity"  # act_4_out -> Identity -> y
+    ort_runs = []
+    original_run = reference_module._OrtStep.run
+    monkeypatch.setattr(reference_module._OrtStep, "run", lambda step, env: (ort_runs.append(step), original_run(step, env))[1])
+    unchanged = executor.run(feeds, keep=quantized, base=base)
+    assert ort_runs == []  # nothing differs from the trace: nothing runs again
+    assert all(np.array_equal(unchanged[name], base[name]) for name in [*executor.output_names, *quantized])
+    for moved in (quantized[0], quantized[-1]):
+        def nudge(values: np.ndarray) -> np.ndarray:
+            return values + np.float32(0.25)
+
+        ort_runs.clear()
+        full = executor.run(feeds, keep=quantized, perturb={moved: nudge})
+        full_runs = len(ort_runs)
+        ort_runs.clear()
+        partial = executor.run(feeds, keep=quantized, perturb={moved: nudge}, base=base)
+        for name in [*executor.output_names, *quantized]:
+            assert partial[name].tobytes() == full[name].tobytes(), (moved, name)
+        # moving the last quantizer reruns only the Identity; the first reruns what it reaches
+        assert full_runs == 5 and (len(ort_runs) == 1 if moved == quantized[-1] else 1 <= len(ort_runs) <= 5)
+    # A signed zero is a different value: it is recomputed from, not taken from the trace.
+    assert not reference_module._identical(np.array([0.0], F32), np.array([-0.0], F32))
+    assert reference_module._identical(np.array([np.nan], F32), np.array([np.nan], F32))

@@ -227,9 +227,12 @@ def probe(
     expected: dict[str, np.ndarray],
     units: dict[str, Unit],
     rng: np.random.Generator,
+    base: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per probed output, the largest change when its frontier moves by one step with random
-    signs: every frontier tensor at once, and each alone (moving all at once can cancel)."""
+    signs: every frontier tensor at once, and each alone (moving all at once can cancel).
+    ``base`` (:meth:`ReferenceExecutor.trace` of ``feeds``) lets each run recompute only
+    what the moved tensors reach."""
     steps = {tensor: step for unit in units.values() for tensor, step in unit.frontier}
 
     def nudge(step: StepFunction) -> Callable[[np.ndarray], np.ndarray]:
@@ -242,7 +245,7 @@ def probe(
     runs = [list(steps)] + ([[tensor] for tensor in steps] if len(steps) > 1 else [])
     largest: dict[str, float] = {name: 0.0 for name, unit in units.items() if unit.kind == "probe"}
     for moved_tensors in runs:
-        moved = reference.run(feeds, perturb={tensor: nudge(steps[tensor]) for tensor in moved_tensors})
+        moved = reference.run(feeds, perturb={tensor: nudge(steps[tensor]) for tensor in moved_tensors}, base=base)
         for name in largest:
             with np.errstate(invalid="ignore"):
                 change = np.abs(moved[name].astype(np.float64) - expected[name].astype(np.float64))
