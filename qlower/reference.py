@@ -52,6 +52,7 @@ def make_session(
     optimized: bool,
     saved_graph: str | os.PathLike | None = None,
     external: Mapping[str, np.ndarray] | None = None,
+    already_optimized: bool = False,
 ) -> ort.InferenceSession:
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
@@ -61,6 +62,9 @@ def make_session(
     ``external``: the arrays of tensors ``model`` (bytes of a skeleton) holds as external
     data. A ModelProto over protobuf's limit is split into such a skeleton and arrays
     (:mod:`qlower.large_models`), so ORT never needs its serialised whole.
+    ``already_optimized`` (with ``optimized``): ``model`` is such a saved graph; it is
+    opened as deployed (threads, prepacking) but without running the graph transformers
+    again, which is what makes a large model's ``ORT_ENABLE_ALL`` session slow to create.
 
     The unoptimized level is the one held to bit-exactness, so it also turns off weight
     prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
@@ -71,7 +75,9 @@ def make_session(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if already_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
     else:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -262,7 +268,7 @@ def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mappi
 # The whole model
 
 
-def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+def identical(a: np.ndarray, b: np.ndarray) -> bool:
     """Same dtype, shape and bits (so -0.0 differs from 0.0 and NaN can equal NaN); other
     dtypes (strings, objects) count as different, which only costs a recomputation."""
     if a is b:
@@ -439,21 +445,21 @@ class ReferenceExecutor:
         changed: set[str] = set()  # names whose value differs from base's
         for name in self._input_names:
             env[name] = np.asarray(feeds[name])
-            if base is not None and not _identical(env[name], base[name]):
+            if base is not None and not identical(env[name], base[name]):
                 changed.add(name)
         computed: dict[str, np.ndarray] = {}
         for step in self._steps:
             if base is None or not changed.isdisjoint(step.inputs):
                 step.run(env)
                 if base is not None:
-                    changed.update(name for name in step.outputs if not _identical(env[name], base[name]))
+                    changed.update(name for name in step.outputs if not identical(env[name], base[name]))
             if isinstance(step, _QonnxStep) and (step.output in perturb or step.output in replace):
                 if step.output in perturb:
                     env[step.output] = perturb[step.output](env[step.output])
                 if step.output in replace:
                     computed[step.output] = env[step.output]
                     env[step.output] = replace[step.output](env[step.output])
-                if base is not None and not _identical(env[step.output], base[step.output]):
+                if base is not None and not identical(env[step.output], base[step.output]):
                     changed.add(step.output)
         for name in self._releasable:
             del self._constants[name]

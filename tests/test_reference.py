@@ -391,5 +391,5 @@ def test_a_run_from_a_trace_recomputes_only_what_changed_and_equals_a_full_run(m
         # moving the last quantizer reruns only the Identity; the first reruns what it reaches
         assert full_runs == 5 and (len(ort_runs) == 1 if moved == quantized[-1] else 1 <= len(ort_runs) <= 5)
     # A signed zero is a different value: it is recomputed from, not taken from the trace.
-    assert not reference_module._identical(np.array([0.0], F32), np.array([-0.0], F32))
-    assert reference_module._identical(np.array([np.nan], F32), np.array([np.nan], F32))
+    assert not reference_module.identical(np.array([0.0], F32), np.array([-0.0], F32))
+    assert reference_module.identical(np.array([np.nan], F32), np.array([np.nan], F32))

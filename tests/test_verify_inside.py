@@ -83,7 +83,9 @@ def test_a_tap_record_reads_the_integer_tensor_and_holds_it_to_the_rule() -> Non
     original = _two_quantizers()
     good = verify(original, _two_quantizers_lowered(0.5), batches=4)
     assert good.passed, good.failures
-    assert {(r.tensor, r.lowered_tensor) for r in good.internal} == {("Quant_a_out", "a_int")}
+    assert {(r.tensor, r.lowered_tensor) for r in good.internal if r.level == UNOPTIMIZED} == {("Quant_a_out", "a_int")}
+    # At ORT_ENABLE_ALL it is read in the graph ORT runs, where a_int's QuantizeLinear became uint8.
+    assert {(r.tensor, r.lowered_tensor) for r in good.internal if r.level == OPTIMIZED} == {("Quant_a_out", "qdq_s8_to_u8_quant")}
     # Without a record the value is gone from the lowered model: nothing to compare.
     assert verify(original, _two_quantizers_lowered(None), batches=1).internal == []
     # A record with the wrong scale reads every element off by a factor: the outputs still
@@ -242,3 +244,41 @@ def test_the_reference_replaces_a_tensor_downstream_and_keeps_what_it_computed()
     local = reference.run({"x": x}, keep=["Quant_a_out", "Quant_b_out"], replace={"Quant_a_out": lambda _computed: shifted})
     np.testing.assert_array_equal(local["Quant_a_out"], plain["Quant_a_out"])
     np.testing.assert_array_equal(local["Quant_b_out"], np.clip(np.round(shifted * 4), -128, 127))
+
+
+def test_taps_at_enable_all_are_read_in_the_graph_ort_runs_checked_by_its_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench_scale's shared-parameter chain: at ORT_ENABLE_ALL every int8 QuantizeLinear
+    # becomes uint8 and the last unit a MatMulIntegerToFloat, so no tap keeps its name.
+    from benchmarks.synthetic import shared_chain
+
+    from qlower.verification.runners import OrtRunner, Session
+
+    original = shared_chain(40)
+    lowered = qlower.convert(original, verify_result=False).model
+    lowered_tensors = {name for node in lowered.graph.node for name in node.output}
+    opened: list[str] = []
+    real_open = OrtRunner.open
+    monkeypatch.setattr(OrtRunner, "open", lambda runner, *args: (opened.append(runner.level), real_open(runner, *args))[1])
+    report = verify(original, lowered, batches=2)
+    assert report.passed, report.failures
+    read = {r.tensor: r.lowered_tensor for r in report.internal if r.level == OPTIMIZED}
+    assert len(read) == 10 and opened.count(OPTIMIZED) == 1  # the deployed session only
+    assert read["a9"] not in lowered_tensors  # the uint8 integers MatMulIntegerToFloat reads
+
+    # A reopened graph whose outputs differ from the deployed session's is not trusted:
+    # the taps are read from the lowered model opened with them exposed.
+    class Shifted(Session):
+        def __init__(self, inner: Session) -> None:
+            self.inner, self.input_names, self.output_names = inner, inner.input_names, inner.output_names
+
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            results = self.inner.run(names, feeds)
+            return [results[0] + np.float32(1), *results[1:]]
+
+    real_reopen = OrtRunner.reopen
+    monkeypatch.setattr(OrtRunner, "reopen", lambda runner, saved: Shifted(real_reopen(runner, saved)))
+    opened.clear()
+    report = verify(original, lowered, batches=2)
+    assert report.passed, report.failures
+    read = {r.tensor: r.lowered_tensor for r in report.internal if r.level == OPTIMIZED}
+    assert len(read) == 10 and set(read.values()) <= lowered_tensors and opened.count(OPTIMIZED) == 2

@@ -3,8 +3,8 @@
 A :class:`Runner` is one runtime at one setting: it opens a model into a :class:`Session`
 (run feeds, fetch outputs by name), says whether it rewrites the graph before running it
 (``optimizes``: then exposing an internal tensor as an extra output can change what runs,
-so the verifier opens the model twice, as deployed and with its taps exposed), and
-describes its settings for the report.
+so the verifier reads the taps elsewhere: from ORT's saved optimized graph, or from the
+model opened a second time with its taps exposed), and describes its settings for the report.
 
 * ``onnxruntime``: ``ORT_DISABLE_ALL`` (one thread, no prepacking; a ``qcdq`` lowering is
   held to bit-identity there) and, unless told not to, ``ORT_ENABLE_ALL`` as users deploy it.
@@ -114,6 +114,11 @@ class OrtRunner(Runner):
 
     def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
         return _OrtSession(make_session(model, optimized=self.optimizes, saved_graph=saved_graph))
+
+    def reopen(self, saved: onnx.ModelProto) -> Session:
+        """Open the graph this runner saved (``open``'s ``saved_graph``) as it runs, without
+        optimizing it again."""
+        return _OrtSession(make_session(saved, optimized=self.optimizes, already_optimized=True))
 
 
 # ---------------------------------------------------------------------------------------

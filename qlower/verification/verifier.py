@@ -5,11 +5,14 @@ every tapped quantizer output and the rest) and, for each level where a toleranc
 once more with every tap replaced by that level's lowered value (the unit-local reference;
 levels that read the same tap values share it). That run, and the probe's, start from the
 first run's values and recompute only the steps that read a value that changed, so where
-the lowered taps equal the reference they cost a walk over the steps, not a run. Each runner runs the lowered model once as deployed; a runner
-that rewrites the graph (ORT_ENABLE_ALL, OpenVINO) runs a second session with the taps
-exposed as extra outputs, because exposing a tensor keeps it from being fused away and
-would change what the deployed graph computes. A runner that does not (ORT_DISABLE_ALL)
-reads outputs and taps in one run.
+the lowered taps equal the reference they cost a walk over the steps, not a run.
+
+Each runner runs the lowered model once per batch as deployed. A runner that does not
+rewrite the graph (ORT_DISABLE_ALL) reads outputs and taps in that one run. One that does
+(ORT_ENABLE_ALL, OpenVINO) must not see the taps as outputs, because exposing a tensor keeps
+it from being fused away and would change what the deployed graph computes: ORT's taps are
+read from the optimized graph the deployed session saved, reopened as is (see
+:func:`_open`); otherwise a second session opens the lowered model with the taps exposed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..collector import paused_cycle_collection
 from ..errors import UnsupportedError
 from ..ir import ModelSource, default_opset, load_model, normalize
 from ..progress import Progress
-from ..reference import ReferenceExecutor, first_line, node_label
+from ..reference import ReferenceExecutor, first_line, identical, node_label
 from .compare import (
     Advisory,
     InternalRecord,
@@ -44,6 +47,7 @@ from .divergence import first_divergence
 from .graph import GraphIndex, input_dependent, topological_ranks
 from .inputs import conform_inputs, make_inputs
 from .internal import GRAPH_INPUT_RULE, TapPoint, plan_taps
+from .optimized_taps import carried_taps
 from .kernels import count_kernels
 from .runners import OPTIMIZED, OrtRunner, Runner, Session, runners_for, with_outputs
 from .units import Unit, output_unit, probe
@@ -53,19 +57,36 @@ TARGETS = ("qcdq", "qop")
 
 @dataclass
 class _Opened:
-    """A runner with the lowered model open: as deployed, and with the taps exposed."""
+    """A runner with the lowered model open: as deployed, and with the taps exposed.
+
+    With ``fallback``, ``tapped`` is the runner's own optimized graph reopened (see
+    :func:`_open`): its graph outputs must equal the deployed session's bit for bit on
+    every batch; the first time they do not, ``fallback`` gives the lowered model opened
+    with its taps exposed, and the taps are read from that from then on.
+    """
 
     runner: Runner
     deployed: Session
     tapped: Session
     points: list[TapPoint]
+    fallback: Callable[[], tuple[Session, list[TapPoint]]] | None = None
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         exposed = [point.exposed for point in self.points]
         if self.tapped is self.deployed:
             results = self.deployed.run(outputs + exposed, feeds)
             return results[: len(outputs)], results[len(outputs) :]
-        return self.deployed.run(outputs, feeds), self.tapped.run(exposed, feeds) if exposed else []
+        deployed = self.deployed.run(outputs, feeds)
+        if not exposed:
+            return deployed, []
+        if self.fallback is None:
+            return deployed, self.tapped.run(exposed, feeds)
+        reopened = self.tapped.run(outputs + exposed, feeds)
+        if all(identical(ours, theirs) for ours, theirs in zip(deployed, reopened)):
+            return deployed, reopened[len(outputs) :]
+        self.tapped, self.points = self.fallback()
+        self.fallback = None
+        return deployed, self.tapped.run([point.exposed for point in self.points], feeds) if self.points else []
 
 
 @contextmanager
@@ -81,24 +102,60 @@ def _scratch_file() -> Iterator[Path]:
         Path(f"{name}.data").unlink(missing_ok=True)
 
 
-def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_graph: Path | None, notes: list[str]) -> _Opened:
-    """Open ``model`` in ``runner``; raises what the runtime raises when it cannot load the model."""
+def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_graph: Path | None, report: VerificationReport) -> _Opened:
+    """Open ``model`` in ``runner``; raises what the runtime raises when it cannot load the model.
+
+    ``saved_graph`` (ORT at ``ORT_ENABLE_ALL``): where the deployed session writes its
+    optimized graph, whose integer kernels the report counts. Exposing a tap as an output
+    can change what an optimizing runtime fuses, so the taps are not read from the deployed
+    session. They are read from that saved graph reopened without optimizing it again, with
+    the taps as extra outputs, when it still holds every tap (the integers, or the
+    DequantizeLinear output they decode to); it runs what the deployed session runs, which
+    :class:`_Opened` checks on the graph outputs of every batch. Otherwise the lowered
+    model is opened a second time with the taps exposed, and optimized again.
+    """
     if not runner.reads_integer_taps:
         points = [point.reading_float() for point in points]
     exposed = list(dict.fromkeys(point.exposed for point in points))
-    if not exposed:
-        session = runner.open(model, saved_graph)
-        return _Opened(runner, session, session, [])
     if not runner.optimizes:
-        session = runner.open(with_outputs(model, exposed), saved_graph)
+        session = runner.open(with_outputs(model, exposed) if exposed else model, saved_graph)
         return _Opened(runner, session, session, points)
     deployed = runner.open(model, saved_graph)
-    try:
-        tapped = runner.open(with_outputs(model, exposed))
-    except Exception as exc:  # the runtime's own exception types; the deployed model loads
-        notes.append(f"{runner.level}: internal tensors not compared, exposing them failed: {first_line(exc)}")
+    saved = _read_saved_graph(saved_graph, report) if saved_graph is not None else None
+    if not exposed:
         return _Opened(runner, deployed, deployed, [])
-    return _Opened(runner, deployed, tapped, points)
+
+    def expose_in_lowered() -> tuple[Session, list[TapPoint]]:
+        try:
+            return runner.open(with_outputs(model, exposed)), points
+        except Exception as exc:  # the runtime's own exception types; the deployed model loads
+            report.notes.append(f"{runner.level}: internal tensors not compared, exposing them failed: {first_line(exc)}")
+            return deployed, []
+
+    carried = carried_taps(points, model, saved) if saved is not None and isinstance(runner, OrtRunner) else None
+    if carried is not None:
+        saved.graph.output.extend(  # type: ignore[union-attr]
+            onnx.ValueInfoProto(name=name) for name in dict.fromkeys(point.exposed for point in carried)
+        )
+        try:
+            reopened = runner.reopen(saved)  # type: ignore[attr-defined, arg-type]
+        except Exception:  # the runtime's own exception types: then the taps are exposed in the lowered model
+            pass
+        else:
+            return _Opened(runner, deployed, reopened, carried, expose_in_lowered)
+    tapped, chosen = expose_in_lowered()
+    return _Opened(runner, deployed, tapped, chosen)
+
+
+def _read_saved_graph(path: Path, report: VerificationReport) -> onnx.ModelProto | None:
+    """The optimized graph ORT saved at ``path``, with its integer kernels counted in ``report``."""
+    try:
+        saved = onnx.load(str(path), load_external_data=False)
+        report.kernels = count_kernels(saved)
+    except Exception as exc:  # a graph ORT could not save (> 2 GB) is not counted
+        report.notes.append(f"{OPTIMIZED}: integer kernels not counted: {first_line(exc)}")
+        return None
+    return saved
 
 
 @paused_cycle_collection
@@ -155,15 +212,9 @@ def verify(
             report.settings[runner.level] = runner.settings()
         with _scratch_file() if counting else nullcontext() as saved:
             try:
-                opened.append(_open(runner, lowered_model, points, saved if counting else None, report.notes))
+                opened.append(_open(runner, lowered_model, points, saved if counting else None, report))
             except Exception as exc:  # each runtime raises its own exception types
                 _runner_failed(report, runner, f"{runner.runtime} cannot load it: {first_line(exc)}")
-                continue
-            if counting:
-                try:
-                    report.kernels = count_kernels(onnx.load(str(saved), load_external_data=False))
-                except Exception as exc:  # a graph ORT could not save (> 2 GB) is not counted
-                    report.notes.append(f"{OPTIMIZED}: integer kernels not counted: {first_line(exc)}")
     if not opened:
         return report
     lowered_inputs = opened[0].deployed.input_names
