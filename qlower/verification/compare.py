@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -265,8 +266,11 @@ class Tally:
     total: int = 0
     note: str | None = None
 
-    def add(self, reference: np.ndarray, got: np.ndarray, step: np.ndarray | None, grid: bool) -> None:
-        """Fold in one batch; ``step`` (broadcastable to the output) converts |diff| to units.
+    def add(
+        self, reference: np.ndarray, got: np.ndarray, step: np.ndarray | Callable[[], np.ndarray] | None, grid: bool
+    ) -> None:
+        """Fold in one batch; ``step`` (broadcastable to the output) converts |diff| to units
+        (a function giving it is called only when the values differ).
 
         On a ``grid`` both values are whole steps apart up to their float32 rounding, so a
         difference within that rounding of a whole number of steps counts as exactly that
@@ -299,6 +303,8 @@ class Tally:
         self.max_abs = max(self.max_abs, float(diff.max()))
         if step is None:
             return
+        if callable(step):
+            step = step()
         with np.errstate(divide="ignore", invalid="ignore"):
             units = np.where(diff == 0, 0.0, diff / step)
             if grid and reference.dtype.kind == "f":

@@ -270,10 +270,10 @@ def verify(
                 value, drifted = local.get(point.original), expected.get(point.original)
                 if value is None or drifted is None:
                     continue
-                got = got_taps[point.original]
-                tallies[(point.original, level)].add(value, got, point.unit.step(value.astype(np.float64)), True)  # type: ignore[misc]
+                got, step = got_taps[point.original], point.unit.step
+                tallies[(point.original, level)].add(value, got, lambda: step(value.astype(np.float64)), True)  # type: ignore[misc]
                 drift = drifts[(point.original, level)]
-                drift.add(drifted, got, point.unit.step(drifted.astype(np.float64)), True)  # type: ignore[misc]
+                drift.add(drifted, got, lambda: step(drifted.astype(np.float64)), True)  # type: ignore[misc]
         progress.advance()
 
     for run in opened:
