@@ -155,31 +155,28 @@ def _nonfinite_triggers(original: onnx.ModelProto, lowered: onnx.ModelProto, fee
     return triggers
 
 
-def _without_triggers(model: onnx.ModelProto, triggers: dict[str, np.ndarray]) -> onnx.ModelProto | None:
-    """``model`` with each trigger tensor t replaced, for every reader, by
+def _without_trigger(model: onnx.ModelProto, name: str, divisor: np.ndarray) -> onnx.ModelProto | None:
+    """``model`` with tensor ``name`` replaced, for every reader, by
     ``Where(t/d - t/d == 0, t, 0)`` (its non-finite quotients set to zero); None when the
     model has no tensor of that name."""
     sanitized = onnx.ModelProto()
     sanitized.CopyFrom(model)
     graph = sanitized.graph
+    position = next((i + 1 for i, node in enumerate(graph.node) if name in node.output), 0 if name in {v.name for v in graph.input} else None)
+    if position is None:
+        return None
+    clean, tag = f"{name}__finite", f"fuzz_finite_{len(graph.node)}"
     nodes = [onnx.NodeProto() for _ in graph.node]
     for copy, node in zip(nodes, graph.node):
         copy.CopyFrom(node)
-    graph_inputs = {value.name for value in graph.input}
-    for number, (name, divisor) in enumerate(triggers.items()):
-        position = next((i + 1 for i, node in enumerate(nodes) if name in node.output), 0 if name in graph_inputs else None)
-        if position is None:
-            return None
-        clean, tag = f"{name}__finite", f"fuzz_finite_{number}"
-        for node in nodes:
-            node.input[:] = [clean if value == name else value for value in node.input]
-        graph.initializer.extend([numpy_helper.from_array(divisor, f"{tag}_d"), numpy_helper.from_array(np.zeros((), np.float32), f"{tag}_zero")])
-        nodes[position:position] = [
-            helper.make_node("Div", [name, f"{tag}_d"], [f"{tag}_q"]),
-            helper.make_node("Sub", [f"{tag}_q", f"{tag}_q"], [f"{tag}_r"]),
-            helper.make_node("Equal", [f"{tag}_r", f"{tag}_zero"], [f"{tag}_finite"]),
-            helper.make_node("Where", [f"{tag}_finite", name, f"{tag}_zero"], [clean]),
-        ]
+        copy.input[:] = [clean if value == name else value for value in node.input]
+    graph.initializer.extend([numpy_helper.from_array(divisor, f"{tag}_d"), numpy_helper.from_array(np.zeros((), np.float32), f"{tag}_zero")])
+    nodes[position:position] = [
+        helper.make_node("Div", [name, f"{tag}_d"], [f"{tag}_q"]),
+        helper.make_node("Sub", [f"{tag}_q", f"{tag}_q"], [f"{tag}_r"]),
+        helper.make_node("Equal", [f"{tag}_r", f"{tag}_zero"], [f"{tag}_finite"]),
+        helper.make_node("Where", [f"{tag}_finite", name, f"{tag}_zero"], [clean]),
+    ]
     del graph.node[:]
     graph.node.extend(nodes)
     return sanitized
@@ -187,16 +184,24 @@ def _without_triggers(model: onnx.ModelProto, triggers: dict[str, np.ndarray]) -
 
 def _nonfinite_trigger_explains(original: onnx.ModelProto, lowered: onnx.ModelProto, target: str, inputs) -> bool:
     """The failure is "nan-into-integer-quantizer": the reference meets a trigger (see
-    :func:`_nonfinite_triggers`), and with every trigger tensor's non-finite values set to
+    :func:`_nonfinite_triggers`), and with the trigger tensors' non-finite values set to
     zero in both models, verification passes at ORT_DISABLE_ALL on the same inputs. NaN
     may be absorbed downstream (a BipolarQuant turns it into -s), so the differing
-    elements themselves need not be NaN."""
+    elements themselves need not be NaN. Triggers are removed first to last, one at a
+    time: a NaN that only propagates from an earlier one (into a qop unit, whose float
+    tensors the lowered model does not have) goes with it."""
     feeds_list = inputs if inputs is not None else make_inputs(original, BATCHES, 0)
-    triggers = _nonfinite_triggers(original, lowered, feeds_list)
-    if not triggers:
-        return False
-    models = [_without_triggers(model, triggers) for model in (original, lowered)]
-    if models[0] is None or models[1] is None:
+    models: tuple[onnx.ModelProto | None, onnx.ModelProto | None] = (original, lowered)
+    for removed in range(len(original.graph.node) + 1):
+        triggers = _nonfinite_triggers(models[0], models[1], feeds_list)
+        if not triggers:
+            break
+        order = {name: i for i, node in enumerate(models[0].graph.node) for name in node.output}
+        first = min(triggers, key=lambda name: order.get(name, -1))
+        models = (_without_trigger(models[0], first, triggers[first]), _without_trigger(models[1], first, triggers[first]))
+        if models[0] is None or models[1] is None:
+            return False
+    if removed == 0:
         return False
     report = qlower.verify(models[0], models[1], target=target, inputs=feeds_list, tolerance_lsb=TOLERANCE_LSB, check_optimized=False)
     return report.passed
@@ -501,6 +506,25 @@ def test_regression_reference_runs_at_lowered_opset() -> None:
     as_written = qlower.verify(model, result.model, check_optimized=False, reference_opset=11)
     assert not as_written.passed  # the kernels still differ: this test guards the fix
     _check_opset_upgrade(FuzzCase(model, None, 21), result.model, None)
+
+
+def test_regression_nan_propagated_into_qop_unit() -> None:
+    """Found by the fuzzer (qop): a non-saturating minifloat overflows to NaN, a Quant takes
+    it, and NaN reaches the Gemm unit's output quantizer too, whose float input the qop unit
+    does not keep. The detector removes the first trigger (the NaN into the first Quant);
+    the second goes with it."""
+    model = _model([
+        _float_quant("fp", "x", "f", 0.25, has_nan=1, saturation=0),
+        _quant("act", "f", "xq", 1 / 3, 0.0, 2.0, signed=0),
+        _quant("weight", "w", "wq", 1 / 3, 0.0, 2.0),
+        helper.make_node("Gemm", ["xq", "wq"], ["g"], name="gemm"),
+        _quant("out", "g", "y", 1 / 3, 0.0, 2.0, signed=0),
+    ], [1, 2], extra_inits=[_const("w", [[0.4, -0.2], [0.3, 0.35]])])
+    lowered = qlower.convert(model, to="qop", verify_result=False).model
+    assert "g" not in {name for node in lowered.graph.node for name in node.output}
+    inputs = [{"x": np.array([[1000.0, 0.5]], np.float32)}, {"x": np.array([[0.25, 0.5]], np.float32)}]
+    assert not qlower.verify(model, lowered, target="qop", inputs=inputs, check_optimized=False).passed
+    assert _explain(FuzzCase(model, inputs, None), "qop", lowered, inputs) == "nan-into-integer-quantizer"
 
 
 def test_regression_opset_upgrade_check_below_float32_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
