@@ -44,8 +44,14 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_scale.py
 	$(PY) tests/benchmarks/bench_real_exports.py
 
+# One pytest per fuzz target, FUZZ_JOBS of them at a time (a core each: a graph is ~40 ms of
+# mostly single-threaded work); fails when any target fails.
+FUZZ_TARGETS := qcdq qop qcdq-ort qcdq-openvino
+FUZZ_JOBS ?= 2
+
 fuzz: $(STAMP)
-	QLOWER_FUZZ_EXAMPLES=$${QLOWER_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -m slow tests/test_fuzz.py -p no:cacheprovider
+	printf '%s\n' $(FUZZ_TARGETS) | QLOWER_FUZZ_EXAMPLES=$${QLOWER_FUZZ_EXAMPLES:-20000} xargs -P $(FUZZ_JOBS) -I{} \
+		$(PY) -m pytest -q -m slow "tests/test_fuzz.py::test_fuzz_campaign[{}]" -p no:cacheprovider
 
 clean:
 	rm -rf out .pytest_cache .hypothesis
