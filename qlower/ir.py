@@ -8,10 +8,14 @@ Writing models is :mod:`qlower.output`'s job.
 
 from __future__ import annotations
 
+import mmap
 import os
+import sys
+import weakref
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -56,13 +60,80 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     return model
 
 
+# Initializers of these types are memory-mapped from their external data file (bytes as
+# stored: little-endian, one element after another); others are read into the model.
+MAPPABLE_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+})
+_byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # moved in numpy 2
+# One mapping per region of a file, shared by everyone who reads it while anyone holds it.
+_mapped: "weakref.WeakValueDictionary[tuple[str, int, str, tuple[int, ...]], np.memmap]" = weakref.WeakValueDictionary()
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _map_external(tensor: onnx.TensorProto, target: Path, origin: str) -> bool:
+    """Point an external initializer at its file by absolute path, to be memory-mapped by
+    :func:`tensor_array` instead of read; False for a type that is not mapped."""
+    if tensor.data_type not in MAPPABLE_TYPES or sys.byteorder != "little":
+        return False
+    info = _external_info(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+    except ValueError:
+        raise ModelLoadError(f"{origin}: tensor {tensor.name!r} has a malformed external data offset or length") from None
+    if offset < 0 or length != expected or offset + length > target.stat().st_size:
+        raise ModelLoadError(
+            f"{origin}: tensor {tensor.name!r} needs {expected} bytes of external data at offset {offset} of "
+            f"{info.get('location', '')!r}, which has {max(0, target.stat().st_size - offset)} there (length {length})"
+        )
+    del tensor.external_data[:]
+    for key, value in (("location", str(target)), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return True
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages under ``array`` if it views a memory map of external data.
+
+    The pages are clean copies of the file, read again if the values are used again, so
+    nothing changes but memory: a weight read once (folded, or quantized by the reference)
+    then stops counting towards the peak. Anything else is left alone.
+    """
+    root = array
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.memmap) or not isinstance(root.base, mmap.mmap) or array.size == 0:
+        return
+    mapped = root.base
+    start_address = root.ctypes.data - root.offset % mmap.ALLOCATIONGRANULARITY  # where np.memmap mapped
+    low, high = _byte_bounds(array)
+    first = (low - start_address) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = min(len(mapped), -(-(high - start_address) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if last > first >= 0:
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _load_external_data(model: onnx.ModelProto, base_dir: Path, origin: str) -> None:
+    """Check every external tensor's file; map initializers of plain numeric types, read the rest."""
     base = base_dir.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if not onnx.external_data_helper.uses_external_data(tensor):
+    # The graph's own initializers first (mapped), then every other tensor (subgraph
+    # initializers, attribute tensors: read), skipping those already mapped.
+    tensors = [(tensor, True) for tensor in model.graph.initializer]
+    tensors += [(tensor, False) for tensor in onnx.external_data_helper._get_all_tensors(model)]
+    for tensor, is_initializer in tensors:
+        if not onnx.external_data_helper.uses_external_data(tensor) or is_mapped(tensor):
             continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
+        location = _external_info(tensor).get("location", "")
         target = (base / location).resolve()
         if os.path.isabs(location) or base not in target.parents:
             raise ModelLoadError(
@@ -70,10 +141,37 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, origin: str) -> 
             )
         if not target.is_file():
             raise ModelLoadError(f"tensor {tensor.name!r} needs external data file {location!r}, which is missing")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{origin}: cannot read external data ({exc})") from None
+        if is_initializer and _map_external(tensor, target, origin):
+            continue
+        try:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{origin}: cannot read external data ({exc})") from None
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def is_mapped(tensor: onnx.TensorProto) -> bool:
+    """An initializer :func:`load_model` left in its external data file, to be mapped."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_external_info(tensor).get("location", ""))
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of an initializer: a read-only memory map of its external data where
+    :func:`load_model` left it in the file (shared while anyone holds it; pages are read
+    on use and count once), else ``numpy_helper.to_array``."""
+    if not is_mapped(tensor):
+        return numpy_helper.to_array(tensor)
+    info = _external_info(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    key = (info["location"], int(info["offset"]), dtype.str, tuple(tensor.dims))
+    array = _mapped.get(key)
+    if array is None:
+        if int(info["length"]) == 0:  # mmap cannot map zero bytes
+            return np.zeros(tuple(tensor.dims), dtype)
+        array = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=key[3])
+        _mapped[key] = array
+    return array
 
 
 def load_model(source: ModelSource, *, copy: bool = True) -> onnx.ModelProto:
@@ -133,6 +231,8 @@ def _check_structure(graph: onnx.GraphProto) -> None:
 def _check_initializers(graph: onnx.GraphProto) -> None:
     """Reject an initializer whose stored data does not match its declared shape and type."""
     for init in graph.initializer:
+        if is_mapped(init):
+            continue  # its size was checked against its file when it was loaded
         try:
             numpy_helper.to_array(init)
         except (ValueError, TypeError, KeyError) as exc:
@@ -248,6 +348,13 @@ def normalize(model: onnx.ModelProto, target_opset: int, *, copy: bool = True) -
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into onnx-graphsurgeon, turning Constant nodes into constant tensors."""
     graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        # A weight left in its external data file is read through its memory map; the
+        # exported model then holds its values (never a reference to the input's file).
+        lazy = getattr(tensor, "_values", None)
+        if isinstance(lazy, gs.ir.tensor.LazyValues) and is_mapped(lazy.tensor):
+            tensor.values = tensor_array(lazy.tensor)
+            tensor.data_location = None  # exported with its values, not as external data
     for node in list(graph.nodes):
         if node.op == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attrs:
             value = node.attrs["value"]

@@ -27,9 +27,8 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from . import output
+from . import ir, output
 
 # Where the skeleton's external tensors say their bytes are (never read: see the docstring).
 DATA_LOCATION = "weights.data"
@@ -51,37 +50,62 @@ def external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 
 def is_large(tensor: onnx.TensorProto) -> bool:
-    """An initializer ``write_model`` would move to the data file (raw data of 1 KiB or more)."""
+    """An initializer of a plain numeric type that ``write_model`` would move to the data
+    file (raw data of 1 KiB or more), or one ``ir.load_model`` left memory-mapped in its
+    external data file."""
+    if ir.is_mapped(tensor):
+        return True
     return (
-        tensor.data_location != onnx.TensorProto.EXTERNAL
+        tensor.data_type in ir.MAPPABLE_TYPES  # (the arrays ORT is given have these types exactly)
+        and tensor.data_location != onnx.TensorProto.EXTERNAL
         and not tensor.external_data
         and tensor.HasField("raw_data")
         and len(tensor.raw_data) >= output.EXTERNAL_MIN_BYTES
     )
 
 
-def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The skeleton of ``model`` and the arrays of the initializers it leaves out (each a copy).
+def needs_split(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` must reach a checker or runtime as a skeleton and arrays: it is over
+    the limit, or holds initializers memory-mapped from a file by absolute path (which no
+    runtime accepts from bytes)."""
+    return any(ir.is_mapped(tensor) for tensor in model.graph.initializer) or not fits_inline(model)
+
+
+def split(model: onnx.ModelProto, *, arrays: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The skeleton of ``model`` and the arrays of the initializers it leaves out (each a
+    copy, or the memory map of a mapped one; none when ``arrays`` is False).
 
     ``model`` is not changed and its weights are never serialised.
     """
     skeleton = output.copy_without(model, "graph")
     assert isinstance(skeleton, onnx.ModelProto)
     skeleton.graph.CopyFrom(output.copy_without(model.graph, "initializer"))
-    arrays: dict[str, np.ndarray] = {}
+    left_out: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
-        if is_large(tensor):
-            array = numpy_helper.to_array(tensor)
-            arrays[tensor.name] = array
-            skeleton.graph.initializer.append(external_stub(tensor.name, array))
-        else:
+        if not is_large(tensor):
             skeleton.graph.initializer.append(tensor)
-    return skeleton, arrays
+            continue
+        stub = output.copy_without(tensor, "raw_data")
+        assert isinstance(stub, onnx.TensorProto)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        del stub.external_data[:]
+        for key, value in (("location", DATA_LOCATION), ("offset", "0"), ("length", str(_nbytes(tensor)))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        skeleton.graph.initializer.append(stub)
+        if arrays:
+            left_out[tensor.name] = ir.tensor_array(tensor)
+    return skeleton, left_out
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def check(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(full_check=True)`` of a model too large to serialise."""
-    skeleton, _ = split(model)
+    skeleton, _ = split(model, arrays=False)
     with tempfile.TemporaryDirectory(prefix="qlower-check-") as folder:
         path = Path(folder) / "model.onnx"
         path.write_bytes(skeleton.SerializeToString())
@@ -100,7 +124,7 @@ def session_inputs(
     arrays = dict(external or {})
     if isinstance(model, bytes):
         return model, arrays
-    if fits_inline(model):
+    if not needs_split(model):
         return model.SerializeToString(), arrays
     skeleton, split_arrays = split(model)
     arrays.update(split_arrays)

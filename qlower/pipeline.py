@@ -178,7 +178,7 @@ def _finish(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             f"{custom.op_type} (domain {custom.domain}) is not standard ONNX and qlower has no lowering for it", custom.name
         )
     try:
-        if large_models.fits_inline(model):
+        if not large_models.needs_split(model):
             onnx.checker.check_model(model, full_check=True)
         else:  # too large to serialise: checked by path, as written with external data
             large_models.check(model)

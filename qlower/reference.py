@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from . import large_models, output, semantics
 from .errors import InvalidModelError, InvalidQuantizerError, QlowerError, UnsupportedError
-from .ir import OP_ALIASES, default_opset, is_qonnx_node
+from .ir import OP_ALIASES, default_opset, is_qonnx_node, release_pages, tensor_array
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
@@ -74,6 +74,10 @@ def make_session(
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Without the arena, a tensor computed at run time (a DequantizeLinear of a whole
+    # weight, at ORT_DISABLE_ALL) is freed after use instead of staying reserved for the
+    # session's life: up to the model's weights again in memory, and no change in values.
+    options.enable_cpu_mem_arena = False
     if optimized:
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL if already_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -132,7 +136,7 @@ def is_constant_node(node: onnx.NodeProto) -> bool:
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Every constant tensor of a graph: initializers and ``Constant`` node outputs."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    values = {init.name: tensor_array(init) for init in graph.initializer}  # memory maps of external data
     for index, node in enumerate(graph.node):
         if is_constant_node(node):
             values[node.output[0]] = _constant_node_value(node, node_label(node, index))
@@ -279,6 +283,29 @@ def identical(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a.view(bits), b.view(bits)))
 
 
+def _evaluate_in_slices(op_type: str, inputs: Sequence[np.ndarray], attrs: Mapping[str, object]) -> np.ndarray | None:
+    """A QONNX op on a large constant, ``semantics.SLICE_ELEMENTS`` at a time along its first
+    axis (every QONNX op is elementwise, so the values are those computed whole, without
+    temporaries the size of a weight); None where the input is small or its parameters
+    would broadcast it to a larger shape."""
+    x = np.asarray(inputs[0])
+    if x.ndim == 0 or x.size <= semantics.SLICE_ELEMENTS:
+        return None
+    if any(np.broadcast_shapes(x.shape, np.shape(param)) != x.shape for param in inputs[1:]):
+        return None
+    # Parameters of one element stay whole (bit widths must be single values); the others
+    # are broadcast to the input (views) and sliced with it.
+    params = [np.asarray(p) if np.size(p) == 1 else np.broadcast_to(p, x.shape) for p in inputs[1:]]
+    rows = max(1, semantics.SLICE_ELEMENTS // max(1, x[0].size))
+    value = np.empty(x.shape, np.float32)
+    for start in range(0, x.shape[0], rows):
+        part = slice(start, start + rows)
+        sliced = [p if p.size == 1 else p[part] for p in params]
+        value[part] = evaluate_qonnx_node(op_type, [x[part], *sliced], attrs)
+        release_pages(x[part])
+    return value
+
+
 @dataclass
 class _QonnxStep:
     label: str
@@ -300,7 +327,10 @@ class _QonnxStep:
             env[self.output] = self.value
             return
         try:
-            value = evaluate_qonnx_node(self.op_type, [env[name] for name in self.inputs], self.attrs)
+            inputs = [env[name] for name in self.inputs]
+            value = _evaluate_in_slices(self.op_type, inputs, self.attrs) if self.constant else None
+            if value is None:
+                value = evaluate_qonnx_node(self.op_type, inputs, self.attrs)
         except QlowerError as exc:
             raise type(exc)(exc.reason, exc.node or self.label) from None
         except ValueError as exc:  # numpy: operands that do not broadcast
@@ -308,6 +338,8 @@ class _QonnxStep:
         if self.constant:
             value.flags.writeable = False  # shared by every run
             self.value = value
+            for name in self.inputs:  # a weight memory-mapped from external data is not read again
+                release_pages(env[name])
         env[self.output] = value
 
 
@@ -564,15 +596,15 @@ class ReferenceExecutor:
 
     def _external_constants(self, names: list[str]) -> dict[str, np.ndarray]:
         """The constants among ``names`` to hand ORT as arrays: none while they add up to less
-        than half protobuf's limit (the rest of a group model is small), else every numeric
-        one of ``output.EXTERNAL_MIN_BYTES`` or more."""
+        than half protobuf's limit (the rest of a group model is small), else every one of a
+        plain numeric type and ``output.EXTERNAL_MIN_BYTES`` or more."""
         values = [(name, self._constants[name]) for name in names]
         if sum(value.nbytes for _, value in values) < output.MAX_PROTOBUF_BYTES // 2:
             return {}
         return {
             name: np.ascontiguousarray(value)
             for name, value in values
-            if value.dtype != object and value.nbytes >= output.EXTERNAL_MIN_BYTES
+            if value.dtype.kind in "biuf" and value.nbytes >= output.EXTERNAL_MIN_BYTES
         }
 
     def _build_group(

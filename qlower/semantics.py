@@ -13,6 +13,10 @@ import numpy as np
 
 F32 = np.float32
 
+# Elements per slice where a large constant (a weight) is quantized a slice at a time: every
+# function here is elementwise, and makes several temporaries the size of its input.
+SLICE_ELEMENTS = 1 << 22
+
 ROUNDING_MODES = ("ROUND", "HALF_EVEN", "CEIL", "FLOOR", "UP", "DOWN", "HALF_UP", "HALF_DOWN")
 
 

@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qlower
-from qlower import large_models, output, reference
+from qlower import ir, large_models, output, reference, semantics
+from qlower.errors import ModelLoadError
 
 QONNX = "qonnx.custom_op.general"
 LIMIT = 6000  # bytes: each 32x32 float weight (4 KiB) is over EXTERNAL_MIN_BYTES, the model over this
@@ -77,7 +78,7 @@ def lowered_limit(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     make_session = reference.make_session
 
     def counted_session(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
-        if kwargs.get("external") or (isinstance(model, onnx.ModelProto) and not large_models.fits_inline(model)):
+        if kwargs.get("external") or (isinstance(model, onnx.ModelProto) and large_models.needs_split(model)):
             calls["external_sessions"] += 1
         return make_session(model, **kwargs)  # type: ignore[arg-type]
 
@@ -141,3 +142,56 @@ def test_the_checker_by_path_passes_a_valid_large_model_and_refuses_an_invalid_o
     model.graph.node[1].op_type = "NoSuchOp"
     with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
         large_models.check(model)
+
+
+@pytest.mark.parametrize("to", ["qcdq", "qop"])
+def test_weights_folded_a_slice_at_a_time_give_the_same_model(monkeypatch: pytest.MonkeyPatch, to: str) -> None:
+    # fold_constant_quantizer and the reference bound their temporaries by quantizing a
+    # constant SLICE_ELEMENTS at a time; per-channel scales and a narrow range must come
+    # out as when quantized whole (the model here and the verification report).
+    model = float_weights_beside_a_quantized_unit(2)
+    channels = np.linspace(0.01, 0.08, 32, dtype=np.float32).reshape(1, 32)
+    model.graph.initializer.append(numpy_helper.from_array(channels, "channel_scale"))
+    model.graph.node[1].input[1] = "channel_scale"
+    whole = qlower.convert(model, to=to)
+    monkeypatch.setattr(semantics, "SLICE_ELEMENTS", 7 * 32)  # 7 rows, 5 slices
+    sliced = qlower.convert(model, to=to)
+    assert sliced.model.SerializeToString() == whole.model.SerializeToString()
+    assert sliced.report.verification is not None and whole.report.verification is not None
+    assert sliced.report.verification.passed
+    assert sliced.report.verification.to_dict() == whole.report.verification.to_dict()
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # onnx.save_model moves the data out of it
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+
+
+def test_external_weights_are_memory_mapped_and_convert_as_if_inline(tmp_path: Path) -> None:
+    model = float_weights_beside_a_quantized_unit(3)
+    _save_external(model, tmp_path / "m.onnx")
+    loaded = ir.load_model(tmp_path / "m.onnx")
+    mapped = {tensor.name for tensor in loaded.graph.initializer if ir.is_mapped(tensor)}
+    assert mapped == {"w0", "w1", "w2"}  # 4 KiB each; the small ones were written inline
+    by_name = {tensor.name: tensor for tensor in model.graph.initializer}
+    for tensor in loaded.graph.initializer:
+        values = ir.tensor_array(tensor)
+        assert isinstance(values, np.memmap) == (tensor.name in mapped)
+        assert np.array_equal(values, numpy_helper.to_array(by_name[tensor.name]))
+        ir.release_pages(values)  # dropped pages read back from the file unchanged
+        assert np.array_equal(values, numpy_helper.to_array(by_name[tensor.name]))
+    assert ir.tensor_array(loaded.graph.initializer[3]) is ir.tensor_array(loaded.graph.initializer[3])  # one mapping
+    from_file = qlower.convert(tmp_path / "m.onnx", to="qcdq")
+    inline = qlower.convert(model, to="qcdq")
+    assert from_file.model.SerializeToString() == inline.model.SerializeToString()
+    assert from_file.report.verification is not None and inline.report.verification is not None
+    assert from_file.report.verification.to_dict() == inline.report.verification.to_dict()
+
+
+def test_external_data_shorter_than_its_tensor_is_refused(tmp_path: Path) -> None:
+    _save_external(float_weights_beside_a_quantized_unit(), tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="needs 4096 bytes of external data"):
+        qlower.convert(tmp_path / "m.onnx", verify_result=False)

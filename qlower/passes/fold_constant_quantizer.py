@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import semantics
 from ..analysis import Quantizer, per_axis_layout
+from ..ir import release_pages
 from .base import INT32_MAX, INT32_MIN, Emitter, LoweringContext, QuantizerPass, broadcast_pair, scalar_or_vector
 from .float_ops import emit_clip
 
@@ -34,8 +35,11 @@ def _container(q: Quantizer) -> type:
 def _grid(q: Quantizer) -> np.ndarray:
     values = np.asarray(q.x.values, dtype=np.float32)
     if q.op == "BipolarQuant":
-        return semantics.bipolar_integer(values)
-    return semantics.quant_integer(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
+        grid = semantics.bipolar_integer(values)
+    else:
+        grid = semantics.quant_integer(values, q.scale, q.zero_point, q.bit_width, q.signed, q.narrow, q.rounding_mode)
+    release_pages(values)  # a weight memory-mapped from external data is not read again
+    return grid
 
 
 def _reference(q: Quantizer, grid: np.ndarray) -> np.ndarray:
