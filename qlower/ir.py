@@ -68,6 +68,7 @@ MAPPABLE_TYPES = frozenset({
     onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
     onnx.TensorProto.BOOL,
 })
+_MAPPED_KEY = "qlower_mapped"  # marks the external data entries load_model checked and made absolute
 _byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # moved in numpy 2
 # One mapping per region of a file, shared by everyone who reads it while anyone holds it.
 _mapped: "weakref.WeakValueDictionary[tuple[str, int, str, tuple[int, ...]], np.memmap]" = weakref.WeakValueDictionary()
@@ -96,7 +97,7 @@ def _map_external(tensor: onnx.TensorProto, target: Path, origin: str) -> bool:
             f"{info.get('location', '')!r}, which has {max(0, target.stat().st_size - offset)} there (length {length})"
         )
     del tensor.external_data[:]
-    for key, value in (("location", str(target)), ("offset", str(offset)), ("length", str(length))):
+    for key, value in (("location", str(target)), ("offset", str(offset)), ("length", str(length)), (_MAPPED_KEY, "1")):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return True
@@ -152,8 +153,10 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, origin: str) -> 
 
 
 def is_mapped(tensor: onnx.TensorProto) -> bool:
-    """An initializer :func:`load_model` left in its external data file, to be mapped."""
-    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_external_info(tensor).get("location", ""))
+    """An initializer :func:`load_model` left in its external data file, to be mapped (its
+    checked, absolute location marked as such: a model given as a ModelProto is never
+    read from the files it names)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(entry.key == _MAPPED_KEY for entry in tensor.external_data)
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -388,6 +391,10 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, keeping the template's IR version, metadata and non-default opsets."""
     model = gs.export_onnx(graph, do_type_check=False)
+    for tensor in graph.tensors().values():  # the model holds the values now: a mapped weight's pages can go
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, np.ndarray):
+            release_pages(values)
     _fill_missing_output_shapes(model)
     model.ir_version = template.ir_version
     model.producer_name = "qlower"

@@ -99,7 +99,10 @@ def make_session(
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
     if values:
         options.add_external_initializers(list(arrays), values)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    for array in arrays.values():  # ORT holds its copy; a memory-mapped weight's pages can go
+        release_pages(array)
+    return session
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:

@@ -195,3 +195,31 @@ def test_external_data_shorter_than_its_tensor_is_refused(tmp_path: Path) -> Non
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(ModelLoadError, match="needs 4096 bytes of external data"):
         qlower.convert(tmp_path / "m.onnx", verify_result=False)
+
+
+def _resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_released_pages_of_a_mapped_weight_stop_being_resident(tmp_path: Path) -> None:
+    weight = np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024)  # 4 MiB
+    model = float_weights_beside_a_quantized_unit()
+    model.graph.initializer.append(numpy_helper.from_array(weight, "big"))
+    _save_external(model, tmp_path / "m.onnx")
+    loaded = ir.load_model(tmp_path / "m.onnx")
+    values = ir.tensor_array(next(t for t in loaded.graph.initializer if t.name == "big"))
+    data = (tmp_path / "m.onnx.data").resolve()
+    assert float(values[512:].sum(dtype=np.float64)) == float(weight[512:].sum(dtype=np.float64))
+    assert _resident_kib(data) >= 2048  # the half it read
+    ir.release_pages(values[512:])
+    assert _resident_kib(data) < 64
+    assert np.array_equal(values, weight)  # read again from the file
