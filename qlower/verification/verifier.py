@@ -30,6 +30,7 @@ import onnx
 from ..collector import paused_cycle_collection
 from ..errors import UnsupportedError
 from ..ir import ModelSource, default_opset, load_model, normalize
+from ..large_models import split
 from ..progress import Progress
 from ..reference import ReferenceExecutor, first_line, identical, node_label
 from .compare import (
@@ -217,6 +218,10 @@ def verify(
                 _runner_failed(report, runner, f"{runner.runtime} cannot load it: {first_line(exc)}")
     if not opened:
         return report
+    if not isinstance(lowered, onnx.ModelProto):
+        # The runtimes hold their own copies of the weights, and what follows reads only the
+        # lowered graph's nodes: a model verify loaded itself keeps none of its weights.
+        lowered_model = split(lowered_model, arrays=False)[0]
     lowered_inputs = opened[0].deployed.input_names
     lowered_outputs = set(opened[0].deployed.output_names)
     extra = [name for name in lowered_inputs if name not in reference.input_names]
