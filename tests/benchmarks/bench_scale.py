@@ -5,7 +5,8 @@ quantizers share one scale, zero-point and bit-width initializer (``synthetic.sh
 and, unless ``--no-large`` is given, two models with more than 2 GB of float weights in
 external data: ``large_weights`` (weights that lower to int8) and ``large_float_weights``
 (float weights beside one quantized unit, so the lowered model is over 2 GB too;
-``--large-bytes`` sizes both, e.g. smaller to measure memory ratios cheaply). For each it
+``--large-bytes`` sizes both, e.g. smaller to measure memory ratios cheaply; ``--large int8``
+runs one). For each it
 prints, measured in a fresh subprocess each (so peak memory is that step's own: the child's
 ``VmHWM``, Linux only):
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(str(size) for size in SIZES))
     parser.add_argument("--no-large", action="store_true", help="skip the >2 GB external-data models")
     parser.add_argument("--large-bytes", type=int, default=LARGE_WEIGHT_BYTES, help="weight bytes of the large models")
+    parser.add_argument("--large", default="int8,float", help="which large models: int8 (lowers to int8), float (stays float)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import synthetic
@@ -149,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_large:
             # The first lowers to int8 (a quarter of its size); the second keeps its float
             # weights, so its lowered model is over 2 GB too (checked, run and written as such).
+            chosen = args.large.split(",")
             for label, make in ((">2 GB", synthetic.large_weights), (">2 GB float", synthetic.large_float_weights)):
+                if ("float" if "float" in label else "int8") not in chosen:
+                    continue
                 free = shutil.disk_usage(folder).free
                 if free < 5 * args.large_bytes:
                     print(f"{label:>10} skipped: {free / 2**30:.1f} GB free in {folder}, needs {5 * args.large_bytes / 2**30:.0f}")
