@@ -71,7 +71,7 @@ MAPPABLE_TYPES = frozenset({
 _MAPPED_KEY = "qlower_mapped"  # marks the external data entries load_model checked and made absolute
 _byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # moved in numpy 2
 # One mapping per region of a file, shared by everyone who reads it while anyone holds it.
-_mapped: "weakref.WeakValueDictionary[tuple[str, int, str, tuple[int, ...]], np.memmap]" = weakref.WeakValueDictionary()
+_mapped: "weakref.WeakValueDictionary[tuple[object, ...], np.memmap]" = weakref.WeakValueDictionary()
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -167,12 +167,14 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     info = _external_info(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    key = (info["location"], int(info["offset"]), dtype.str, tuple(tensor.dims))
+    if int(info["length"]) == 0:  # mmap cannot map zero bytes
+        return np.zeros(tuple(tensor.dims), dtype)
+    # (the file's identity is in the key: a data file replaced since is mapped afresh)
+    file = os.stat(info["location"])
+    key = (info["location"], file.st_dev, file.st_ino, file.st_mtime_ns, int(info["offset"]), dtype.str, tuple(tensor.dims))
     array = _mapped.get(key)
     if array is None:
-        if int(info["length"]) == 0:  # mmap cannot map zero bytes
-            return np.zeros(tuple(tensor.dims), dtype)
-        array = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=key[3])
+        array = np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info["offset"]), shape=tuple(tensor.dims))
         _mapped[key] = array
     return array
 
