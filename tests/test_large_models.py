@@ -145,10 +145,10 @@ def test_the_checker_by_path_passes_a_valid_large_model_and_refuses_an_invalid_o
 
 
 @pytest.mark.parametrize("to", ["qcdq", "qop"])
-def test_weights_folded_a_slice_at_a_time_give_the_same_model(monkeypatch: pytest.MonkeyPatch, to: str) -> None:
-    # fold_constant_quantizer and the reference bound their temporaries by quantizing a
-    # constant SLICE_ELEMENTS at a time; per-channel scales and a narrow range must come
-    # out as when quantized whole (the model here and the verification report).
+def test_reference_quantizing_weights_a_slice_at_a_time_verifies_the_same(monkeypatch: pytest.MonkeyPatch, to: str) -> None:
+    # The reference bounds its temporaries by quantizing a constant SLICE_ELEMENTS at a
+    # time; per-channel scales and a narrow range must give the verification report (and
+    # model) they give when quantized whole.
     model = float_weights_beside_a_quantized_unit(2)
     channels = np.linspace(0.01, 0.08, 32, dtype=np.float32).reshape(1, 32)
     model.graph.initializer.append(numpy_helper.from_array(channels, "channel_scale"))
