@@ -196,11 +196,24 @@ def _nonfinite_trigger_explains(original: onnx.ModelProto, lowered: onnx.ModelPr
         triggers = _nonfinite_triggers(models[0], models[1], feeds_list)
         if not triggers:
             break
+        producers = {name: node for node in models[0].graph.node for name in node.output}
         order = {name: i for i, node in enumerate(models[0].graph.node) for name in node.output}
         first = min(triggers, key=lambda name: order.get(name, -1))
-        models = (_without_trigger(models[0], first, triggers[first]), _without_trigger(models[1], first, triggers[first]))
-        if models[0] is None or models[1] is None:
-            return False
+        lowered_names = {name for node in models[1].graph.node for name in node.output} | {v.name for v in models[1].graph.input}
+        # A trigger the lowered model does not keep (an ORT-profile Relu folded into the
+        # Clip) is removed where its inputs still exist: the non-finite values come from there.
+        removing, divisor = [first], triggers[first]
+        while any(name not in lowered_names and name in producers for name in removing):
+            divisor = np.ones((), np.float32)
+            constants = qlower.reference.constant_values(models[0].graph)
+            removing = list(dict.fromkeys(
+                source for name in removing
+                for source in ([name] if name in lowered_names or name not in producers else
+                               [i for i in producers[name].input if i and i not in constants])))
+        for name in removing:
+            models = (_without_trigger(models[0], name, divisor), _without_trigger(models[1], name, divisor))
+            if models[0] is None or models[1] is None:
+                return False
     if removed == 0:
         return False
     report = qlower.verify(models[0], models[1], target=target, inputs=feeds_list, tolerance_lsb=TOLERANCE_LSB, check_optimized=False)
@@ -529,6 +542,23 @@ def test_regression_nan_propagated_into_qop_unit() -> None:
     inputs = [{"x": np.array([[1000.0, 0.5]], np.float32)}, {"x": np.array([[0.25, 0.5]], np.float32)}]
     assert not qlower.verify(model, lowered, target="qop", inputs=inputs, check_optimized=False).passed
     assert _explain(FuzzCase(model, inputs, None), "qop", lowered, inputs) == "nan-into-integer-quantizer"
+
+
+def test_regression_nan_through_folded_relu() -> None:
+    """Found by the fuzzer (qcdq --profile ort): NaN from a non-saturating minifloat passes a
+    Relu into a Quant; the ort profile folds the Relu into the integer Clip, so the Quant's
+    input tensor is gone from the lowered model. The detector removes the NaN where the
+    Relu's input still exists."""
+    model = _model([
+        _float_quant("fp", "x", "f", 0.25, has_nan=1, saturation=0),
+        helper.make_node("Relu", ["f"], ["r"], name="relu"),
+        _quant("act", "r", "y", 1 / 3, 0.0, 2.0, signed=0),
+    ], [1, 2])
+    lowered = qlower.convert(model, to="qcdq", profile="ort", verify_result=False).model
+    assert "r" not in {name for node in lowered.graph.node for name in node.output}
+    inputs = [{"x": np.array([[1000.0, 0.5]], np.float32)}]
+    assert not qlower.verify(model, lowered, inputs=inputs, check_optimized=False).passed
+    assert _explain(FuzzCase(model, inputs, None), "qcdq", lowered, inputs) == "nan-into-integer-quantizer"
 
 
 def test_regression_opset_upgrade_check_below_float32_resolution() -> None:
