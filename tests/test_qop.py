@@ -388,7 +388,7 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
     read from the QONNX graph itself (not from what qlower emitted).
 
     Input: an activation Quant (2..8 bits, or unsigned 1 bit; ROUND; one scale and an
-    integer zero point), possibly behind MaxPool/Reshape/Flatten/Transpose/Squeeze/
+    integer zero point) or binary quantizer (one scale), possibly behind MaxPool/Reshape/Flatten/Transpose/Squeeze/
     Unsqueeze. Weight: a Quant or BipolarQuant of <= 8 bits on a constant, possibly behind
     Transposes. Output: only consumed (through a MatMul's bias Add, constant per-channel
     Mul/Add/Sub/Div or BatchNormalization, and a Relu) by such an activation Quant.
@@ -404,7 +404,11 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
 
     def integer_activation(node: onnx.NodeProto | None, per_channel: bool = True) -> bool:
         """``per_channel``: per-channel scales (one zero point) are accepted (output quantizers,
-        a depthwise conv's input)."""
+        a depthwise conv's input). Binary activations with one scale (and an integer zero
+        point) are integers too (uint8 codes 127 | 129)."""
+        if quantizer(node) == "BipolarQuant" and node.input[0] not in constants:
+            scale = constants.get(node.input[1])
+            return scale is not None and scale.size == 1
         if quantizer(node) != "Quant" or node.input[0] in constants:
             return False
         scale, zero_point, bits = (constants.get(node.input[i]) for i in (1, 2, 3))
@@ -416,7 +420,9 @@ def expected_integer_units(model: onnx.ModelProto) -> int:
         rounding = (rounding.decode() if isinstance(rounding, bytes) else rounding).upper()
         signed_one_bit = attr(node, "signed", 1) and float(bits) == 1
         zero = float(zero_point.reshape(-1)[0])
-        return float(bits) <= 8 and not signed_one_bit and rounding in ("ROUND", "HALF_EVEN") and zero == round(zero)
+        if signed_one_bit:
+            return scale.size == 1 and zero == round(zero) and -128 <= zero <= 127
+        return float(bits) <= 8 and rounding in ("ROUND", "HALF_EVEN") and zero == round(zero)
 
     def integer_weight(node: onnx.NodeProto | None) -> bool:
         kind = quantizer(node)

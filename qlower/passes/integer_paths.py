@@ -29,8 +29,10 @@ from .integer_units import (
     int8_regions,
     integer_activation,
     producer,
+    requantized_output,
     scalar_constant,
 )
+from .binary_output import binary_target, binary_weights, describe_binary, match_binary_output
 from .unit_requant import Affine, ExactWeights, UnitOutput, describe_choice, exact_weights, match_unit_output
 
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Relu", "Clip"})
@@ -151,13 +153,17 @@ def integer_path(tensor: gs.Tensor) -> IntegerPath:
 
 def integer_range(path: IntegerPath) -> tuple[int, int]:
     """The integers ``q - zp`` the input can take: the range Clip after each leaf's
-    QuantizeLinear (sub-8-bit ranges), else the container; the union over Concat leaves."""
+    QuantizeLinear (sub-8-bit ranges), or the two constants of a binary quantizer's Where
+    select, else the container; the union over Concat leaves."""
     lows, highs = [], []
     for leaf in path.leaves:
         info = np.iinfo(leaf.dtype)
         low, high = int(info.min), int(info.max)
         clip = producer(leaf.values)
-        if clip is not None and clip.op == "Clip":
+        branches = [scalar_constant(t) for t in clip.inputs[1:3]] if clip is not None and clip.op == "Where" else []
+        if len(branches) == 2 and all(b is not None for b in branches):
+            low, high = sorted(int(b) for b in branches)  # type: ignore[arg-type]
+        elif clip is not None and clip.op == "Clip":
             bounds = [scalar_constant(t) if t.name else None for t in clip.inputs[1:3]]
             if bounds and bounds[0] is not None:
                 low = max(low, int(bounds[0]))
@@ -202,9 +208,11 @@ def match_exact_unit(
     ``x_scale`` is the input scale each output channel sees (0-d, or [C] for a depthwise
     conv with per-channel input scales). Refused names the first check that fails."""
     accumulator_scale = (x_scale.astype(F32) * weight.scale).astype(F32)
-    output = match_unit_output(graph, result, accumulator_scale, start, out_rank, channel_axis)
+    output = (match_binary_output(graph, result, accumulator_scale, start, out_rank, channel_axis)
+              or match_unit_output(graph, result, accumulator_scale, start, out_rank, channel_axis))
     int8_regions(graph, x.leaves, output.out)  # refuses a region that cannot move to uint8
-    weights = exact_weights(weight, output_axis, integer_range(x), output, x86_without_vnni)
+    choose = binary_weights if output.binary else exact_weights
+    weights = choose(weight, output_axis, integer_range(x), output, x86_without_vnni)
     return ExactUnit(x, output, weights)
 
 
@@ -219,6 +227,13 @@ class UnitRewrite:
     path_note: str
 
 
+def output_target(em: NodeEmitter, unit: ExactUnit) -> tuple[gs.Tensor, str]:
+    """Where the unit's integer operator writes, and the range note for the report."""
+    if unit.output.binary:
+        return binary_target(em, unit.out.as_uint8())
+    return requantized_output(em, unit.out.as_uint8(), relu=unit.output.relu is not None)
+
+
 def start_rewrite(graph: gs.Graph, name: str, unit: ExactUnit) -> UnitRewrite:
     path_note = unit.x.describe()
     activation = unit.x.materialize(graph)
@@ -229,7 +244,8 @@ def start_rewrite(graph: gs.Graph, name: str, unit: ExactUnit) -> UnitRewrite:
 
 def unit_note(unit: ExactUnit) -> str:
     """What the unit folded and how it requantizes, for the report's ``became``."""
-    parts = [unit.output.affine.describe(), describe_choice(unit.weights.choice)]
+    choice = unit.weights.choice
+    parts = [unit.output.affine.describe(), describe_binary(choice) if unit.output.binary else describe_choice(choice)]
     return "; ".join(part for part in parts if part)
 
 

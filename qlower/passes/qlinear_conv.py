@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import LoweringContext
-from .integer_paths import ExactUnit, IntegerPath, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
+from .integer_paths import ExactUnit, output_target, IntegerPath, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
 from .integer_units import (
     F32,
     ComputeUnitPass,
@@ -29,7 +29,6 @@ from .integer_units import (
     constant_float,
     detach,
     integer_weight,
-    requantized_output,
 )
 from .unit_requant import Affine
 
@@ -93,7 +92,7 @@ class QLinearConvPass(ComputeUnitPass[ConvUnit]):
         em, x, out = started.em, started.x, started.out
         attrs = dict(unit.conv.attrs)
         detach(unit.conv, *exact.output.affine.nodes, exact.output.relu, *out.nodes)
-        target, range_note = requantized_output(em, out, relu=exact.output.relu is not None)
+        target, range_note = output_target(em, exact)
         record_taps(ctx, out.output, x)
         one = np.asarray(1.0, F32)
         inputs: list[gs.Tensor] = [

@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import LoweringContext
-from .integer_paths import ExactUnit, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
+from .integer_paths import ExactUnit, output_target, integer_path, match_exact_unit, record_taps, start_rewrite, unit_note
 from .integer_units import (
     F32,
     UINT8,
@@ -34,7 +34,6 @@ from .integer_units import (
     constant_float,
     detach,
     integer_weight,
-    requantized_output,
 )
 from .unit_requant import Affine, channel_vector
 
@@ -115,7 +114,7 @@ class QLinearMatMulPass(ComputeUnitPass[MatMulUnit]):
         started = start_rewrite(ctx.graph, name, exact)
         em, x, out = started.em, started.x, started.out
         detach(unit.node, *exact.output.affine.nodes, exact.output.relu, *out.nodes)
-        target, range_note = requantized_output(em, out, relu=exact.output.relu is not None)
+        target, range_note = output_target(em, exact)
         record_taps(ctx, out.output, x)
         x_values = x.values
         if unit.transpose_x:

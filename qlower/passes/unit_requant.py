@@ -149,6 +149,9 @@ class UnitOutput:
     offset: np.ndarray  # float64 [C]: output steps
     low: int  # output integers relative to the zero point, after saturation, range Clip and Relu
     high: int
+    # A binary quantizer (BipolarQuant, signed 1-bit Quant): the output is +1 where
+    # multiplier * acc + offset >= 0, else -1, not a rounding (see binary_output.py).
+    binary: bool = False
 
 
 def _output_range(graph: gs.Graph, out: OutputQuantizer, relu: bool) -> tuple[int, int]:
@@ -212,7 +215,7 @@ class ExactWeights:
     note: str | None
 
 
-def _centred(weight: IntegerWeight) -> np.ndarray:
+def centred_weights(weight: IntegerWeight) -> np.ndarray:
     zero_point = weight.zero_point.astype(np.int64)
     if weight.axis is not None:
         shape = [1] * weight.values.ndim
@@ -229,7 +232,7 @@ def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, i
     products in int16 and saturates beyond |w| = 64; such units then keep ``k * w`` within
     +-64 when the weights allow, else store uint8 (zero point 128) for the u8u8 kernel.
     """
-    centred = _centred(weight)
+    centred = centred_weights(weight)
     rows = np.moveaxis(centred, output_axis, 0)
     flat = rows.reshape(rows.shape[0], -1)
     largest = int(np.abs(flat).max(initial=0))
