@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..requant import UnitChoice, choose_unit
+from ..requant import UnitChoice, accumulator_range, choose_unit
 from .integer_units import (
     F32,
     IntegerWeight,
@@ -185,12 +185,6 @@ def match_unit_output(graph: gs.Graph, result: gs.Tensor, accumulator_scale: np.
     step = np.broadcast_to(out.scale.astype(np.float64), (channels,))
     multiplier = affine.scale * np.broadcast_to(accumulator_scale.astype(np.float64), (channels,)) / step
     offset = affine.offset / step
-    finest = float(np.max(np.abs(multiplier)))
-    if finest >= 1:
-        raise Refused(
-            f"one accumulator step moves the output by {finest:g} steps (>= 1); float rounding in the reference "
-            "decides outputs at that resolution"
-        )
     low, high = _output_range(graph, out, relu is not None)
     if low > high:
         raise Refused(
@@ -224,6 +218,57 @@ def centred_weights(weight: IntegerWeight) -> np.ndarray:
     return weight.values.astype(np.int64) - zero_point
 
 
+# The float reference computes a unit's real value with a few float32 roundings (the
+# float Conv/Gemm, BatchNorm's subtract, divide, multiply and add), each off by at most half
+# an ulp of the value it rounds. Near the output range those values are of the order of
+# |M * acc| + |C| output steps (the accumulator term and the offset cancel there), so
+# 2^-21 of that (8 ulps) estimates their sum with room to spare. An estimate, not a proof
+# (a BatchNorm mean far larger than the offset it leaves is rounded on a coarser ulp):
+# verification holds every unit to the unit-local tolerance either way.
+REFERENCE_ROUNDING = 2.0**-21
+
+
+def reference_rounding(acc_low: np.ndarray, acc_high: np.ndarray, output: UnitOutput) -> np.ndarray:
+    """Per channel, about how many output steps the float reference's own rounding can move the
+    unit's real value where that can change its clipped output: at the accumulators whose
+    real value ``M * acc + C`` lies within 1.5 steps of ``[low, high]`` (0 when none does)."""
+    m, c = output.multiplier, output.offset
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ends = np.sort(np.stack([(output.low - 1.5 - c) / m, (output.high + 1.5 - c) / m]), axis=0)
+    first, last = np.maximum(ends[0], acc_low), np.minimum(ends[1], acc_high)
+    near = (m != 0) & (first <= last)
+    size = np.maximum(np.abs(m * np.where(near, first, 0)), np.abs(m * np.where(near, last, 0))) + np.abs(c)
+    return np.where(near, REFERENCE_ROUNDING * size, 0.0)
+
+
+def _check_reference_rounding(flat: np.ndarray, x_range: tuple[int, int], output: UnitOutput) -> None:
+    """A unit whose accumulator step is worth a whole output step or more (``|M| >= 1``) is
+    exact like any other (the search of :mod:`qlower.requant` holds for every ``M``); it is
+    refused only where the float reference's rounding near its output range could reach half
+    a step, so that the exact unit and the reference could be more than one step apart, or
+    where the requantized value can leave int32 (ORT converts it to an integer there, which
+    :func:`qlower.requant.ort_output` does not model: a fuzz-found unit with ``M ~ 3e36``
+    overflowed float32 and ORT gave the zero point where the reference saturates)."""
+    if float(np.max(np.abs(output.multiplier), initial=0)) < 1:
+        return
+    acc_low, acc_high = accumulator_range(flat, *x_range)
+    finest = float(np.max(np.abs(output.multiplier)))
+    worst = float(np.max(reference_rounding(acc_low, acc_high, output), initial=0))
+    if worst >= 0.5:
+        raise Refused(
+            f"one accumulator step moves the output by {finest:g} steps (>= 1) and the float reference's own "
+            f"float32 rounding near the output range can reach {worst:.2g} steps, so the reference, not the unit, "
+            "decides outputs at that resolution"
+        )
+    widest = np.abs(output.multiplier) * np.maximum(np.abs(acc_low), np.abs(acc_high)) + np.abs(output.offset)
+    if float(np.max(widest, initial=0)) >= 2.0**31:
+        raise Refused(
+            f"one accumulator step moves the output by {finest:g} steps (>= 1) and the requantized value can reach "
+            f"{float(np.max(widest)):.3g} steps, beyond int32, where ONNX Runtime's float-to-integer conversion is "
+            "not modelled"
+        )
+
+
 def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, int], output: UnitOutput,
                   x86_without_vnni: bool) -> ExactWeights:
     """Choose ``(k, B, M')`` per channel and store ``k * (w - zw)`` as int8 (zero point 0).
@@ -243,6 +288,7 @@ def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, i
         bounds = (-U8S8_SAFE_MAGNITUDE, U8S8_SAFE_MAGNITUDE)
     else:
         bounds = (-128, 127)
+    _check_reference_rounding(flat, x_range, output)
     try:
         choice = choose_unit(flat, x_range[0], x_range[1], output.multiplier, output.offset, output.low, output.high,
                              *bounds)
