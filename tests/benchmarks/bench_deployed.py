@@ -315,9 +315,11 @@ def latency_cell(variant: Variant, baseline_ms: float | None) -> str:
     if variant.error:
         return f"- ({variant.error})"
     ms = median(variant.ort_ms)
-    if ms is None or baseline_ms is None:
+    if ms is None:
         return "-"
     kernels = f" ({variant.kernels[0]}/{variant.kernels[1]} int)" if variant.kernels else ""
+    if baseline_ms is None:  # no Brevitas QCDQ export (it refuses binary quantizers): milliseconds
+        return f"{ms:.2f} ms{variant.note}{kernels}"
     return f"{ms / baseline_ms:.2f}{variant.note}{kernels}"
 
 
@@ -341,7 +343,8 @@ def report(results: list[tuple[dict[str, Any], list[Variant]]]) -> None:
         base_ms = median(base.ort_ms) if base else None
         cells = [latency_cell(by_label[label], base_ms) if label in by_label else "n/a" for label in labels]
         print(f"| {entry['name']} | " + " | ".join(cells) + f" | {base_ms or float('nan'):.2f} | {entry.get('rounds', 0)} |")
-    print("\n`!`: qlower's verification on the fixture input did not pass (timed unverified). "
+    print("\n`!`: qlower's verification on the fixture input did not pass (timed unverified). A row "
+          "without a Brevitas QCDQ export (Brevitas refuses one for binary quantizers) shows milliseconds. "
           "float and ORT int8 compute different functions (the float architecture, and ORT's own "
           "post-training quantization of it).")
 
