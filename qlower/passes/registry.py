@@ -25,6 +25,7 @@ from .qlinear_conv import QLinearConvPass
 from .qlinear_matmul import QLinearMatMulPass
 from .quant_float_path import QuantFloatPath
 from .rounded_outputs import RoundedOutputsAsIntegers
+from .saturated_relu import SaturatedRelu
 from .trunc import TruncToFloatOps
 from .trunc_qdq import TruncUnitRatioQDQ
 
@@ -52,8 +53,9 @@ _GRAPH_PASSES: dict[str, tuple[GraphPass, ...]] = {
     # would move ties (openvino).
     "qcdq": (BiasAccumulatorGrid(), FloatAveragePool(), ExactInputQuantizers()),
     # Biases onto the accumulator grid (exact), float-path quantizer outputs that feed a unit
-    # as integers (exact), then the compute units (exact requantization).
-    "qop": (BiasAccumulatorGrid(), RoundedOutputsAsIntegers(), QLinearConvPass(), QLinearMatMulPass()),
+    # as integers (exact), then the compute units (exact requantization), then the Relus of
+    # units left float that their QuantizeLinear's saturation already applies (exact).
+    "qop": (BiasAccumulatorGrid(), RoundedOutputsAsIntegers(), QLinearConvPass(), QLinearMatMulPass(), SaturatedRelu()),
 }
 
 
