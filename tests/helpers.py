@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -160,3 +161,10 @@ def make_signed_4bit_conv_net(layers: int = 3, channels: int = 8, seed: int = 0)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
     model.ir_version = 8
     return model
+
+
+def run_disable_all(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of ``model`` in ONNX Runtime at ORT_DISABLE_ALL (the exact level)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -17,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 import qlower
 from qlower import semantics
 from qlower.errors import UnsupportedError
+
+from helpers import run_disable_all
 
 F32 = np.float32
 QONNX = "qonnx.custom_op.general"
@@ -40,11 +41,6 @@ def quantizer_model(
     model.ir_version = 8
     return model
 
-
-def run_unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
 def assert_same_bits(got: np.ndarray, expected: np.ndarray) -> None:
@@ -86,7 +82,7 @@ def test_bipolar_run_time_scale_is_bit_identical(layout: tuple[int, ...], data: 
     (record,) = result.report.quantizers
     assert record.lowered_by == "bipolar_float_path" and record.float_path
     feeds = {"s": scale} if constant_input else {"x": x, "s": scale}
-    assert_same_bits(run_unoptimized(result.model, feeds), semantics.bipolar_quant(x, scale))
+    assert_same_bits(run_disable_all(result.model, feeds), semantics.bipolar_quant(x, scale))
 
 
 def test_bipolar_run_time_scale_model_verifies_and_strict_refuses_it() -> None:
@@ -130,7 +126,7 @@ def run_emitted(build, feeds: dict[str, np.ndarray]) -> np.ndarray:
     graph.inputs, graph.outputs = [value], [output]
     model = gs.export_onnx(graph)
     model.ir_version = 8
-    return run_unoptimized(model, feeds)
+    return run_disable_all(model, feeds)
 
 
 def floats_around(values: np.ndarray, ulps: int) -> np.ndarray:
@@ -238,7 +234,7 @@ def test_trunc_run_time_parameters_are_bit_identical(case: dict[str, object], se
     x = (units * scale).astype(F32)
     x.flat[:4] = [0.0, -0.0, np.nan, np.inf]
     feeds = {"x": x, **{name: values[name] for name in case["runtime"]}}  # type: ignore[union-attr]
-    got = run_unoptimized(result.model, feeds)
+    got = run_disable_all(result.model, feeds)
     with np.errstate(all="ignore"):
         expected = trunc_reference(case, x)
     # the zero point's Add is left out when it is a constant zero: -0 may come out as +0 (SPEC: values compared)
@@ -336,7 +332,7 @@ def test_float_quant_run_time_format_is_bit_identical(case: dict[str, object], s
     (record,) = result.report.quantizers
     assert record.lowered_by == "float_quant_format_float_path" and record.float_path
     x = minifloat_inputs(np.random.default_rng(seed), (2, 3, 4, 4))
-    got = run_unoptimized(result.model, {"x": x, **{name: values[name] for name in runtime}})
+    got = run_disable_all(result.model, {"x": x, **{name: values[name] for name in runtime}})
     if out_of_domain(mantissa, bias) is not None:
         assert np.isnan(got).all()  # outside the exact domain: NaN, never a different number
         return

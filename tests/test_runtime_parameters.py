@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import qlower
 from qlower import semantics
 from qlower.semantics import ROUNDING_MODES
+
+from helpers import run_disable_all
 
 F32 = np.float32
 QONNX = "qonnx.custom_op.general"
@@ -36,11 +37,6 @@ def runtime_model(op: str, runtime: dict[str, np.ndarray | None], attrs: dict[st
     model.ir_version = 8
     return model
 
-
-def run_disable_all(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
