@@ -197,6 +197,19 @@ def _check_broadcast(node: gs.Node, shape: tuple[int, ...] | None, param: np.nda
             raise InvalidQuantizerError(f"{what} shape {param.shape} does not broadcast against the input shape {shape}", node.name)
 
 
+def _check_scale_and_zero_point(
+    node: gs.Node, shape: tuple[int, ...] | None, scale: np.ndarray | None, zero_point: np.ndarray | None
+) -> None:
+    """The checks Quant and Trunc share on their constant scale and zero point (None: run-time)."""
+    if scale is not None:
+        _check_scale(node, scale)
+        _check_broadcast(node, shape, scale, "scale")
+    if zero_point is not None:
+        _check_broadcast(node, shape, zero_point, "zero point")
+        if not np.all(np.isfinite(zero_point)):
+            raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
+
+
 def _static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     if isinstance(tensor, gs.Constant):
         return tuple(tensor.values.shape)
@@ -257,13 +270,7 @@ def _analyse_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
     zero_point = _constant_or_runtime(node, 2, "zero point", runtime)
     raw_bits = _constant_or_runtime(node, 3, "bit width", runtime)
     bits = None if raw_bits is None else _scalar_bit_width(node, raw_bits, "bit width")
-    if scale is not None:
-        _check_scale(node, scale)
-        _check_broadcast(node, shape, scale, "scale")
-    if zero_point is not None:
-        _check_broadcast(node, shape, zero_point, "zero point")
-        if not np.all(np.isfinite(zero_point)):
-            raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
+    _check_scale_and_zero_point(node, shape, scale, zero_point)
     return Quantizer(
         node, _role(node), scale, zero_point, bits,
         signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
@@ -336,15 +343,9 @@ def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
     out_scale = _constant_or_runtime(node, 4, "output scale", runtime) if version == 2 else None
     raw_out_bits = _constant_or_runtime(node, 5 if version == 2 else 4, "output bit width", runtime)
     out_bits = None if raw_out_bits is None else _scalar_bit_width(node, raw_out_bits, "output bit width")
-    if scale is not None:
-        _check_scale(node, scale)
-        _check_broadcast(node, shape, scale, "scale")
+    _check_scale_and_zero_point(node, shape, scale, zero_point)
     if out_scale is not None:
         _check_scale(node, out_scale, "output scale")
-    if zero_point is not None:
-        _check_broadcast(node, shape, zero_point, "zero point")
-        if not np.all(np.isfinite(zero_point)):
-            raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
     return Quantizer(
         node, _role(node), scale, zero_point, out_bits,
         signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
