@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper, version_converter
 
 from .errors import InvalidModelError, ModelLoadError, UnsupportedError
-from .links import replace_input
+from .links import remove_unused_nodes, replace_input
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_DOMAINS = frozenset({QONNX_DOMAIN, "onnx.brevitas", "finn.custom_op.general", "finn"})
@@ -353,7 +353,8 @@ def normalize(model: onnx.ModelProto, target_opset: int, *, copy: bool = True) -
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into onnx-graphsurgeon, turning Constant nodes into constant tensors."""
     graph = gs.import_onnx(model)
-    for tensor in graph.tensors().values():
+    # (load_model maps only the graph's own initializers: without one, nothing to look for)
+    for tensor in graph.tensors().values() if any(is_mapped(init) for init in model.graph.initializer) else ():
         # A weight left in its external data file is read through its memory map; the
         # exported model then holds its values (never a reference to the input's file).
         lazy = getattr(tensor, "_values", None)
@@ -377,7 +378,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
                 name = f"{node.op}_{index}_{suffix}"
             node.name = name
             taken.add(name)
-    graph.cleanup(remove_unused_graph_inputs=False)
+    if not remove_unused_nodes(graph):
+        graph.cleanup(remove_unused_graph_inputs=False)
     return graph
 
 
@@ -393,7 +395,9 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, keeping the template's IR version, metadata and non-default opsets."""
     model = gs.export_onnx(graph, do_type_check=False)
-    for tensor in graph.tensors().values():  # the model holds the values now: a mapped weight's pages can go
+    # The model holds the values now: a mapped weight's pages can go (weights are mapped
+    # only where the template's initializers are).
+    for tensor in graph.tensors().values() if any(is_mapped(init) for init in template.graph.initializer) else ():
         values = getattr(tensor, "_values", None)
         if isinstance(values, np.ndarray):
             release_pages(values)

@@ -9,16 +9,34 @@ nodes). Here:
 
 * run-time tensors (``gs.Variable``) lose a detached node at once, by identity: passes
   read their producer and consumer lists while they match, so those stay exact;
-* constants keep stale consumer entries until :func:`relink_constants` rebuilds every
-  constant's consumer list in one sweep over the nodes. The passes never read a
-  constant's consumers (only its values); every pass ends with that sweep, so between
+* constants keep stale consumer entries until they are rebuilt: inside
+  :func:`constant_links_deferred` (every pass runs in one) only the constants an edit
+  left stale are rebuilt, each from its own consumer list, when the pass ends;
+  elsewhere :func:`relink_constants` rebuilds every constant's list in one sweep over
+  the nodes. The passes never read a constant's consumers (only its values), so between
   passes all links are exact again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import numpy as np
 import onnx_graphsurgeon as gs
+
+# The constants whose consumer lists edits left stale, by id, while a pass runs (None
+# outside one). A context variable, so conversions in other threads keep their own.
+_stale_constants: contextvars.ContextVar[dict[int, gs.Constant] | None] = contextvars.ContextVar(
+    "qlower_stale_constants", default=None
+)
+
+
+def _note_stale(tensor: gs.Tensor) -> None:
+    stale = _stale_constants.get()
+    if stale is not None:
+        stale[id(tensor)] = tensor
 
 
 def _drop(links: list, node: gs.Node) -> None:
@@ -35,7 +53,9 @@ def detach(*nodes: gs.Node | None) -> None:
         for tensor in node.outputs:
             _drop(tensor.inputs, node)
         for tensor in {id(t): t for t in node.inputs}.values():
-            if not isinstance(tensor, gs.Constant):
+            if isinstance(tensor, gs.Constant):
+                _note_stale(tensor)
+            else:
                 _drop(tensor.outputs, node)
         list.clear(node.inputs)
         list.clear(node.outputs)
@@ -45,9 +65,11 @@ def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     """``node.inputs[index] = tensor`` without scanning the old tensor's consumers by equality."""
     old = node.inputs[index]
     list.__setitem__(node.inputs, index, tensor)
-    if not isinstance(old, gs.Constant) and not any(other is old for other in node.inputs):
+    if isinstance(old, gs.Constant):
+        _note_stale(old)
+    elif not any(other is old for other in node.inputs):
         _drop(old.outputs, node)
-    elif not isinstance(old, gs.Constant):
+    else:
         # The node still reads ``old`` elsewhere: drop one occurrence only.
         position = next(i for i, other in enumerate(old.outputs) if other is node)
         list.__delitem__(old.outputs, position)
@@ -75,6 +97,40 @@ def relink_constants(graph: gs.Graph) -> None:
                     found.append(node)
     for key, tensor in tensors.items():
         list.__setitem__(tensor.outputs, slice(None), readers[key])
+
+
+def _relink_constant(tensor: gs.Constant) -> None:
+    """Make one constant's consumer list exact from the list itself: each node on it as
+    often as it still reads the constant (detached nodes read nothing), in list order."""
+    seen: set[int] = set()
+    readers: list[gs.Node] = []
+    for node in tensor.outputs:
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        readers.extend(node for other in node.inputs if other is tensor)
+    list.__setitem__(tensor.outputs, slice(None), readers)
+
+
+@contextlib.contextmanager
+def constant_links_deferred() -> Iterator[None]:
+    """Run a pass's edits with constants' consumer lists rebuilt once, at the end, and
+    only for the constants :func:`detach` and :func:`replace_input` left stale.
+
+    Each is rebuilt from its own consumer list, which holds every node that read it
+    since the last exact state (edits through gs's own lists keep both sides, and new
+    nodes add themselves): the cost is the length of the stale lists, not a sweep over
+    every node of the graph per pass. The result holds the same nodes, as often, as
+    :func:`relink_constants` would give.
+    """
+    stale: dict[int, gs.Constant] = {}
+    token = _stale_constants.set(stale)
+    try:
+        yield
+    finally:
+        _stale_constants.reset(token)
+        for tensor in stale.values():
+            _relink_constant(tensor)
 
 
 SHARED_CONSTANT_BYTES = 4096

@@ -18,7 +18,10 @@ import pytest
 from benchmarks.synthetic import shared_chain
 
 import qlower
-from qlower import links
+from qlower import ir, links, pipeline
+from qlower.passes.base import LoweringContext, run_graph_pass
+from qlower.passes.registry import graph_passes_for, quantizer_passes_for
+from qlower.progress import Progress
 from qlower.reference import ReferenceExecutor
 
 
@@ -74,6 +77,47 @@ def test_replace_input_keeps_both_sides_of_the_link() -> None:
     assert all(n is not nodes[0] for n in x.outputs)
     links.relink_constants(graph)
     assert len(shared.outputs) == 6
+
+
+def test_deferred_links_rebuild_only_the_constants_edits_left_stale() -> None:
+    graph, shared, nodes = _shared_graph()
+    untouched = gs.Constant("untouched", np.ones((), np.float32))
+    reader = gs.Node("Neg", "reader", inputs=[untouched], outputs=[gs.Variable("n", np.float32, (1,))])
+    list.append(untouched.outputs, nodes[0])  # a stale entry no edit in the block made
+    with links.constant_links_deferred():
+        links.detach(nodes[1], nodes[4])
+        assert len(shared.outputs) == 6  # stale until the block ends
+    assert [n.name for n in shared.outputs] == ["mul0", "mul2", "mul3", "mul5"]
+    assert [n.name for n in untouched.outputs] == ["reader", "mul0"]  # not swept: only stale constants are rebuilt
+    assert reader.inputs[0] is untouched
+
+
+def test_deferred_links_keep_a_node_as_often_as_it_still_reads_the_constant() -> None:
+    shared = gs.Constant("shared", np.ones((), np.float32))
+    other = gs.Constant("other", np.ones((), np.float32))
+    square = gs.Node("Mul", "square", inputs=[shared, shared], outputs=[gs.Variable("y", np.float32, (1,))])
+    cube = gs.Node("Mul", "cube", inputs=[shared, shared], outputs=[gs.Variable("z", np.float32, (1,))])
+    assert [n.name for n in shared.outputs] == ["square", "square", "cube", "cube"]
+    with links.constant_links_deferred():
+        links.replace_input(square, 1, other)
+        links.detach(cube)
+    assert [n.name for n in shared.outputs] == ["square"]
+    assert [n.name for n in other.outputs] == ["square"]
+
+
+def test_after_every_pass_each_constant_lists_exactly_its_readers() -> None:
+    # Every pass runs its edits in a deferred block; afterwards each constant, also one no
+    # node reads any more (the shared quantizer parameters), lists exactly its readers.
+    graph = ir.to_graph(ir.normalize(shared_chain(40), ir.MIN_OUTPUT_OPSET))
+    constants = {id(t): t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    ctx = LoweringContext(graph=graph, opset=ir.MIN_OUTPUT_OPSET, target="qop")
+    pipeline._lower(graph, quantizer_passes_for("qop"), ctx, Progress())
+    for rule in graph_passes_for("qop"):
+        run_graph_pass(rule, ctx)
+    constants.update((id(t), t) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    readers: Counter = Counter((id(t), id(node)) for node in graph.nodes for t in node.inputs if isinstance(t, gs.Constant))
+    listed: Counter = Counter((key, id(node)) for key, t in constants.items() for node in t.outputs)
+    assert listed == readers and len(constants) > 40
 
 
 def test_equal_small_constants_are_shared_in_the_output() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
-from ..links import detach, relink_constants
+from ..links import constant_links_deferred, detach
 from ..profiles import PORTABLE, Profile
 from ..taps import Tap
 
@@ -100,28 +100,25 @@ def run_pass(
 ) -> list[Quantizer]:
     """Apply ``rule`` to every pending quantizer it matches; return those still pending."""
     still_pending = []
-    lowered = 0
-    for q in pending:
-        if not rule.applies_to(q):
-            still_pending.append(q)
-            continue
-        record = records[q.name]
-        if q.runtime and not rule.takes_runtime_parameters:
-            record.skipped.append((rule.name, f"{' and '.join(q.runtime)} computed at run time"))
-            still_pending.append(q)
-            continue
-        reason = rule.check(q, ctx)
-        if reason is not None:
-            record.skipped.append((rule.name, reason))
-            still_pending.append(q)
-            continue
-        record.emitted = rule.rewrite(q, ctx)
-        record.lowered_by = rule.name
-        record.float_path = rule.uses_float_path
-        detach(q.node)
-        lowered += 1
-    if lowered:
-        relink_constants(ctx.graph)  # detach leaves constants' consumer lists to this one sweep
+    with constant_links_deferred():  # detach leaves the constants it read to one rebuild at the end
+        for q in pending:
+            if not rule.applies_to(q):
+                still_pending.append(q)
+                continue
+            record = records[q.name]
+            if q.runtime and not rule.takes_runtime_parameters:
+                record.skipped.append((rule.name, f"{' and '.join(q.runtime)} computed at run time"))
+                still_pending.append(q)
+                continue
+            reason = rule.check(q, ctx)
+            if reason is not None:
+                record.skipped.append((rule.name, reason))
+                still_pending.append(q)
+                continue
+            record.emitted = rule.rewrite(q, ctx)
+            record.lowered_by = rule.name
+            record.float_path = rule.uses_float_path
+            detach(q.node)
     return still_pending
 
 
@@ -152,10 +149,9 @@ class GraphPass(ABC):
 
 
 def run_graph_pass(rule: GraphPass, ctx: LoweringContext) -> list[UnitRecord]:
-    """Run ``rule`` over the graph, then make every constant's consumer list exact again."""
-    records = rule.run(ctx)
-    relink_constants(ctx.graph)
-    return records
+    """Run ``rule`` over the graph; every constant's consumer list is exact again after it."""
+    with constant_links_deferred():
+        return rule.run(ctx)
 
 
 # ---- graph-building vocabulary shared by the passes ----------------------------------
