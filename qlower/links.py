@@ -9,12 +9,10 @@ nodes). Here:
 
 * run-time tensors (``gs.Variable``) lose a detached node at once, by identity: passes
   read their producer and consumer lists while they match, so those stay exact;
-* constants keep stale consumer entries until they are rebuilt: inside
-  :func:`constant_links_deferred` (every pass runs in one) only the constants an edit
-  left stale are rebuilt, each from its own consumer list, when the pass ends;
-  elsewhere :func:`relink_constants` rebuilds every constant's list in one sweep over
-  the nodes. The passes never read a constant's consumers (only its values), so between
-  passes all links are exact again.
+* constants keep stale consumer entries until the :func:`constant_links_deferred` block
+  the edits ran in ends (every pass runs in one); then only the constants an edit left
+  stale are rebuilt, each from its own consumer list. The passes never read a
+  constant's consumers (only its values), so between passes all links are exact again.
 """
 
 from __future__ import annotations
@@ -76,29 +74,6 @@ def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     list.append(tensor.outputs, node)
 
 
-def relink_constants(graph: gs.Graph) -> None:
-    """Rebuild every live constant's consumer list from the nodes that read it (one sweep).
-
-    Order follows ``graph.nodes``; consumer order of a constant means nothing to export,
-    cleanup or toposort, which follow node inputs and producers.
-    """
-    constant = gs.Constant
-    readers: dict[int, list[gs.Node]] = {}
-    tensors: dict[int, gs.Constant] = {}
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            if type(tensor) is constant or isinstance(tensor, constant):
-                key = id(tensor)
-                found = readers.get(key)
-                if found is None:
-                    readers[key] = [node]
-                    tensors[key] = tensor
-                else:
-                    found.append(node)
-    for key, tensor in tensors.items():
-        list.__setitem__(tensor.outputs, slice(None), readers[key])
-
-
 def _relink_constant(tensor: gs.Constant) -> None:
     """Make one constant's consumer list exact from the list itself: each node on it as
     often as it still reads the constant (detached nodes read nothing), in list order."""
@@ -120,8 +95,8 @@ def constant_links_deferred() -> Iterator[None]:
     Each is rebuilt from its own consumer list, which holds every node that read it
     since the last exact state (edits through gs's own lists keep both sides, and new
     nodes add themselves): the cost is the length of the stale lists, not a sweep over
-    every node of the graph per pass. The result holds the same nodes, as often, as
-    :func:`relink_constants` would give.
+    every node of the graph per pass. Each ends up listing exactly the nodes that read
+    it, as often as they read it.
     """
     stale: dict[int, gs.Constant] = {}
     token = _stale_constants.set(stale)
@@ -150,21 +125,21 @@ def share_equal_constants(graph: gs.Graph) -> int:
     """
     first: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
     replaced = 0
-    for node in graph.nodes:
-        for index, tensor in enumerate(node.inputs):
-            if not isinstance(tensor, gs.Constant):
-                continue
-            values = tensor.values
-            if not isinstance(values, np.ndarray) or values.nbytes > SHARED_CONSTANT_BYTES:
-                continue
-            # Only constants of one role share (the name's last part: "scale", "clip_min"),
-            # so a reader still finds each node's parameters under the name its pass gave.
-            key = (tensor.name.rsplit("/", 1)[-1], values.dtype.str, values.shape, values.tobytes())
-            kept = first.setdefault(key, tensor)
-            if kept is not tensor:
-                list.__setitem__(node.inputs, index, kept)
-                replaced += 1
-    relink_constants(graph)  # both sides of every changed link
+    with constant_links_deferred():  # both sides of every changed link
+        for node in graph.nodes:
+            for index, tensor in enumerate(node.inputs):
+                if not isinstance(tensor, gs.Constant):
+                    continue
+                values = tensor.values
+                if not isinstance(values, np.ndarray) or values.nbytes > SHARED_CONSTANT_BYTES:
+                    continue
+                # Only constants of one role share (the name's last part: "scale", "clip_min"),
+                # so a reader still finds each node's parameters under the name its pass gave.
+                key = (tensor.name.rsplit("/", 1)[-1], values.dtype.str, values.shape, values.tobytes())
+                kept = first.setdefault(key, tensor)
+                if kept is not tensor:
+                    replace_input(node, index, kept)
+                    replaced += 1
     return replaced
 
 
@@ -189,11 +164,11 @@ def remove_unused_nodes(graph: gs.Graph) -> bool:
         if id(node) in used:
             continue
         used.add(id(node))
-        pending.extend(producer for tensor in node.inputs for producer in tensor.inputs)
-    unused = [node for node in graph.nodes if id(node) not in used]
-    if unused:
-        detach(*unused)
-        relink_constants(graph)
+        for tensor in node.inputs:
+            pending.extend(tensor.inputs)
+    if len(used) < len(graph.nodes):
+        with constant_links_deferred():
+            detach(*[node for node in graph.nodes if id(node) not in used])
         graph.nodes = [node for node in graph.nodes if id(node) in used]
     return True
 
@@ -219,22 +194,24 @@ def toposort(graph: gs.Graph) -> bool:
     for root in graph.nodes:
         if id(root) in level:
             continue
-        stack = [(root, iter(_producers(root)))]
+        producers = _producers(root)
+        stack = [(root, producers, iter(producers))]
         on_stack = {id(root)}
         while stack:
-            node, producers = stack[-1]
-            for producer in producers:
+            node, producers, unvisited = stack[-1]
+            for producer in unvisited:
                 if id(producer) in level:
                     continue
                 if id(producer) in on_stack:
                     raise ValueError(f"the graph has a cycle through node {producer.name!r}")
-                stack.append((producer, iter(_producers(producer))))
+                below = _producers(producer)
+                stack.append((producer, below, iter(below)))
                 on_stack.add(id(producer))
                 break
             else:
                 stack.pop()
                 on_stack.discard(id(node))
-                level[id(node)] = max((level[id(p)] for p in _producers(node)), default=-1) + 1
+                level[id(node)] = max([level[id(p)] for p in producers], default=-1) + 1
                 order.append(node)
     graph.nodes = sorted(order, key=lambda node: level[id(node)])
     return True
