@@ -174,3 +174,39 @@ def test_cli_prints_no_progress_when_stderr_is_not_a_terminal(tmp_path) -> None:
             capture_output=True, text=True, check=True,
         )
         assert done.stderr == ""
+
+
+def _same_object(fast: object, made: object) -> None:
+    """Same type, same attributes in the same order; link lists equal element by element
+    (by identity) and mirrored to the same owner and field."""
+    assert type(fast) is type(made)
+    assert list(vars(fast)) == list(vars(made))
+    for key, value in vars(made).items():
+        other = vars(fast)[key]
+        if isinstance(value, list):
+            assert type(other) is type(value) and [id(v) for v in other] == [id(v) for v in value], key
+            assert (other.parent_obj is fast, other.field_name) == (value.parent_obj is made, value.field_name), key
+        elif isinstance(value, np.ndarray):
+            assert other is value
+        else:
+            assert other == value and type(other) is type(value), key
+
+
+def test_fast_constructors_build_what_gs_builds() -> None:
+    values = np.arange(3, dtype=np.int8)
+    _same_object(links.new_constant("c", values), gs.Constant("c", values))
+    _same_object(links.new_variable("v", np.uint8), gs.Variable("v", dtype=np.uint8))
+    x, c = gs.Variable("x", dtype=np.float32), gs.Constant("k", values)
+    made_out, fast_out = gs.Variable("y", dtype=np.float32), gs.Variable("y", dtype=np.float32)
+    made = gs.Node("Mul", "mul", {"a": 1}, [x, c, x], [made_out])
+    fast = links.new_node("Mul", "mul", {"a": 1}, [x, c, x], [fast_out])
+    assert list(vars(fast)) == list(vars(made)) and (fast.op, fast.name, fast.attrs, fast.domain) == (made.op, made.name, made.attrs, made.domain)
+    assert [t for t in fast.inputs] == [x, c, x] and fast.outputs[0] is fast_out
+    # Both sides of each link, as often as gs links them: x is read twice by each node.
+    assert [id(n) for n in x.outputs] == [id(made), id(made), id(fast), id(fast)]
+    assert [id(n) for n in c.outputs] == [id(made), id(fast)]
+    assert list(made_out.inputs) == [made] and list(fast_out.inputs) == [fast]
+    assert (fast.inputs.parent_obj, fast.inputs.field_name, fast.outputs.field_name) == (fast, "outputs", "inputs")
+    fast.inputs[1] = x  # gs's own edits work on them: both sides kept
+    # (gs removes the first node equal to it: the equal twin ``made``, as for gs-built nodes)
+    assert fast.inputs[1] is x and len(c.outputs) == 1 and [id(n) for n in x.outputs].count(id(fast)) == 3

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Quantizer
-from ..links import constant_links_deferred, detach
+from ..links import constant_links_deferred, detach, new_constant, new_node, new_variable
 from ..profiles import PORTABLE, Profile
 from ..taps import Tap
 
@@ -166,7 +166,7 @@ class NodeEmitter:
         self.counter = 0
 
     def constant(self, suffix: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{suffix}", np.array(value, order="C"))
+        return new_constant(f"{self.prefix}/{suffix}", np.array(value, order="C"))
 
     def node(
         self,
@@ -177,13 +177,13 @@ class NodeEmitter:
     ) -> gs.Variable:
         """Append ``op`` with a new output tensor of ``dtype``."""
         name = self._next_name(op)
-        output = gs.Variable(f"{name}:0", dtype=dtype)
+        output = new_variable(f"{name}:0", dtype)
         self.write(op, inputs, output, attrs, name=name)
         return output
 
     def write(self, op: str, inputs: Sequence[gs.Tensor], output: gs.Tensor, attrs: dict[str, object] | None = None, *, name: str) -> None:
         """Append ``op`` named ``name``, writing into an existing tensor (a replaced node's output)."""
-        self.graph.nodes.append(gs.Node(op, name, attrs or {}, list(inputs), [output]))
+        self.graph.nodes.append(new_node(op, name, attrs or {}, list(inputs), [output]))
 
     def _next_name(self, op: str) -> str:
         self.counter += 1
@@ -220,5 +220,7 @@ def scalar_or_vector(value: np.ndarray, axis: int | None, dtype: np.dtype | type
 
 def broadcast_pair(scale: np.ndarray, zero_point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point broadcast to one shape, as Q/DQ require them equal-shaped."""
+    if scale.shape == zero_point.shape:
+        return scale, zero_point  # (numpy's broadcasting costs more than the rest of a rewrite)
     shape = np.broadcast_shapes(scale.shape, zero_point.shape)
     return np.broadcast_to(scale, shape), np.broadcast_to(zero_point, shape)
