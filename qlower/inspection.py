@@ -31,7 +31,6 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from . import ir
@@ -117,6 +116,8 @@ def _integer_unit_passes(target: str) -> frozenset[str]:
 
 def ort_kernel_counts(model: onnx.ModelProto) -> dict[str, object]:
     """Compute kernels in the graph ONNX Runtime's optimizer saves at ``ORT_ENABLE_ALL``."""
+    import onnxruntime as ort  # here, not at import: ``qlower convert`` does not need it
+
     with tempfile.TemporaryDirectory(prefix="qlower-inspect-") as scratch:
         saved = Path(scratch) / "optimized.onnx"
         options = ort.SessionOptions()
@@ -143,6 +144,8 @@ def _run_shapes(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[int,
     probe.CopyFrom(model)
     declared = {value.name for value in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in sorted(names - declared))
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3

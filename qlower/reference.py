@@ -20,16 +20,18 @@ import hashlib
 import heapq
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from . import large_models, output, semantics
 from .errors import InvalidModelError, InvalidQuantizerError, QlowerError, UnsupportedError
 from .ir import OP_ALIASES, default_opset, is_qonnx_node, release_pages, tensor_array
+
+if TYPE_CHECKING:  # imported where a session is made: a conversion that runs none does not pay for it
+    import onnxruntime as ort
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
@@ -72,6 +74,8 @@ def make_session(
     between a folded float constant and ``DequantizeLinear`` of integers change the last
     bits. It runs on one thread, which also keeps the many small reference sessions cheap.
     """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Without the arena, a tensor computed at run time (a DequantizeLinear of a whole
