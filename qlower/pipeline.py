@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir, large_models, output, taps
+from .constant_folding import fold_constants
 from .analysis import FLOAT8_OPSET, analyse, describe
 from .collector import paused_cycle_collection
 from .links import remove_unused_nodes, share_equal_constants, toposort
@@ -132,7 +133,7 @@ def _fold_constant_subgraphs(graph: gs.Graph) -> int:
     if not any(_foldable(node) for node in graph.nodes):
         return 0  # fold_constants copies the whole graph to find that out (a quarter of a 100k-node conversion)
     before = len(graph.nodes)
-    graph.fold_constants(fold_shapes=False, should_exclude_node=_keep_unfolded, error_ok=True)
+    fold_constants(graph, should_exclude_node=_keep_unfolded)
     graph.cleanup(remove_unused_graph_inputs=False)
     return before - len(graph.nodes)
 
