@@ -88,7 +88,7 @@ def cli_table(repeats: int, folder: Path) -> dict[str, float]:
     for path in models():
         commands = {
             "floor": [sys.executable, "-c", floor, str(path), target],
-            **{to: [sys.executable, "-m", "qlower", "convert", "--no-verify", "-q", "--to", to, str(path), "-o", target] for to in TARGETS},
+            **{to: [sys.executable, "-m", "qlower", "convert", "--no-verify", "--to", to, str(path), "-o", target] for to in TARGETS},
         }
         times: dict[tuple[str, str], list[float]] = {(clock, step): [] for clock in worst for step in commands}
         for _ in range(repeats):
