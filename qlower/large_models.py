@@ -118,13 +118,17 @@ def session_inputs(
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """The model bytes and external initializers to open ``model`` in ONNX Runtime.
 
-    A model within the limit is its own bytes; a larger one is :func:`split`. ``external``
-    (arrays for tensors already external in a skeleton ``model``) is passed through.
+    A model with initializers :func:`is_large` would move is :func:`split` (whatever its
+    size): ``onnxruntime.InferenceSession`` keeps the bytes it was given for the session's
+    life, on top of its own copy of the weights, so they must be the skeleton's (measured:
+    each verification session held twice the lowered weights). Any other model is its own
+    bytes. ``external`` (arrays for tensors already external in a skeleton ``model``) is
+    passed through.
     """
     arrays = dict(external or {})
     if isinstance(model, bytes):
         return model, arrays
-    if not needs_split(model):
+    if not needs_split(model) and not any(is_large(tensor) for tensor in model.graph.initializer):
         return model.SerializeToString(), arrays
     skeleton, split_arrays = split(model)
     arrays.update(split_arrays)

@@ -62,8 +62,9 @@ def make_session(
     verifier counts integer kernels in it); the initializers of a model over protobuf's
     limit go to ``<saved_graph>.data`` beside it.
     ``external``: the arrays of tensors ``model`` (bytes of a skeleton) holds as external
-    data. A ModelProto over protobuf's limit is split into such a skeleton and arrays
-    (:mod:`qlower.large_models`), so ORT never needs its serialised whole.
+    data. A ModelProto with weights is split into such a skeleton and arrays
+    (:mod:`qlower.large_models`): ORT never needs a model over protobuf's limit serialised
+    whole, and the bytes ORT's Python session keeps for its whole life are the skeleton's.
     ``already_optimized`` (with ``optimized``): ``model`` is such a saved graph; it is
     opened as deployed (threads, prepacking) but without running the graph transformers
     again, which is what makes a large model's ``ORT_ENABLE_ALL`` session slow to create.
@@ -94,7 +95,9 @@ def make_session(
     data, arrays = large_models.session_inputs(model, external)
     if saved_graph is not None:
         options.optimized_model_filepath = os.fspath(saved_graph)
-        if arrays:
+        # Only a graph over protobuf's limit is saved with external data: the verifier reads
+        # the taps from a saved graph whose weights it holds (inline).
+        if len(data) + sum(array.nbytes for array in arrays.values()) > output.MAX_PROTOBUF_BYTES:
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", f"{os.path.basename(saved_graph)}.data"
             )

@@ -223,3 +223,21 @@ def test_released_pages_of_a_mapped_weight_stop_being_resident(tmp_path: Path) -
     ir.release_pages(values[512:])
     assert _resident_kib(data) < 64
     assert np.array_equal(values, weight)  # read again from the file
+
+
+def test_ort_is_given_weights_as_external_initializers_whatever_the_model_size() -> None:
+    # onnxruntime.InferenceSession keeps the bytes it is given for the session's life: they
+    # must not hold the weights (ORT has its own copy), so a model with weights is split
+    # even far below protobuf's limit, and a session opened that way runs the same.
+    model = qlower.convert(float_weights_beside_a_quantized_unit(), to="qcdq", verify_result=False).model
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if large_models.is_large(t)}
+    assert weights and output.fits_inline(model)
+    data, arrays = large_models.session_inputs(model)
+    skeleton = {t.name: t for t in onnx.ModelProto.FromString(data).graph.initializer}
+    assert all(not skeleton[name].raw_data and skeleton[name].data_location == TensorProto.EXTERNAL for name in weights)
+    assert arrays.keys() == weights.keys() and all(np.array_equal(arrays[n], weights[n]) for n in weights)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
+    for optimized in (False, True):
+        split_session = reference.make_session(model, optimized=optimized)
+        inline_session = reference.make_session(model.SerializeToString(), optimized=optimized)  # bytes: as given
+        assert reference.identical(split_session.run(None, feeds)[0], inline_session.run(None, feeds)[0])
