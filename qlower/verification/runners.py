@@ -64,9 +64,13 @@ class Runner(ABC):
         """What this runner runs with, for the report."""
 
     @abstractmethod
-    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
+    def open(
+        self, model: onnx.ModelProto, saved_graph: Path | None = None, external: Mapping[str, np.ndarray] | None = None
+    ) -> Session:
         """Load ``model``; where the runtime can, write the graph it runs to ``saved_graph``.
 
+        ``external``: the arrays of the initializers ``model`` (a skeleton, see
+        :mod:`qlower.large_models`) holds as external data; only ORT takes them.
         Raises whatever the runtime raises on a model it cannot load.
         """
 
@@ -112,8 +116,10 @@ class OrtRunner(Runner):
             settings.update({"intra_op_num_threads": "1", "session.disable_prepacking": "1"})
         return settings
 
-    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
-        return _OrtSession(make_session(model, optimized=self.optimizes, saved_graph=saved_graph))
+    def open(
+        self, model: onnx.ModelProto, saved_graph: Path | None = None, external: Mapping[str, np.ndarray] | None = None
+    ) -> Session:
+        return _OrtSession(make_session(model, optimized=self.optimizes, saved_graph=saved_graph, external=external))
 
     def reopen(self, saved: onnx.ModelProto) -> Session:
         """Open the graph this runner saved (``open``'s ``saved_graph``) as it runs, without
@@ -185,7 +191,11 @@ class OpenVinoRunner(Runner):
             "INFERENCE_PRECISION_HINT": hint,
         }
 
-    def open(self, model: onnx.ModelProto, saved_graph: Path | None = None) -> Session:
+    def open(
+        self, model: onnx.ModelProto, saved_graph: Path | None = None, external: Mapping[str, np.ndarray] | None = None
+    ) -> Session:
+        if external:
+            raise ValueError("OpenVINO opens a whole model, not a skeleton and its weights")
         read = self._core.read_model(model.SerializeToString())  # type: ignore[attr-defined]
         config = {"INFERENCE_PRECISION_HINT": self.hint} if self.hint else {}
         return _OpenVinoSession(self._core.compile_model(read, "CPU", config))  # type: ignore[attr-defined]

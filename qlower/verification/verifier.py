@@ -13,16 +13,26 @@ rewrite the graph (ORT_DISABLE_ALL) reads outputs and taps in that one run. One 
 it from being fused away and would change what the deployed graph computes: ORT's taps are
 read from the optimized graph the deployed session saved, reopened as is (see
 :func:`_open`); otherwise a second session opens the lowered model with the taps exposed.
+
+Each ORT runner opens and runs its sessions on a thread of its own while the reference runs
+on the caller's (ORT releases the GIL while it creates or runs a session; OpenVINO's runners
+work in line, see :class:`_InLine`): the optimizing
+runner's deployed session, the slowest to create, starts before the reference is built, and
+the runners run batch n + 1 while batch n is compared. Only the caller's thread writes the
+report, in runner and batch order, so it is the same whatever the threads' timing. ORT is
+given the lowered weights as external initializers (one copy each session, see
+:mod:`qlower.large_models`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -49,11 +59,12 @@ from .graph import GraphIndex, input_dependent, topological_ranks
 from .inputs import conform_inputs, make_inputs
 from .internal import GRAPH_INPUT_RULE, TapPoint, plan_taps
 from .optimized_taps import carried_taps
-from .kernels import count_kernels
+from .kernels import KernelCount, count_kernels
 from .runners import OPTIMIZED, OrtRunner, Runner, Session, runners_for, with_outputs
 from .units import Unit, output_unit, probe
 
 TARGETS = ("qcdq", "qop")
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -70,7 +81,25 @@ class _Opened:
     deployed: Session
     tapped: Session
     points: list[TapPoint]
-    fallback: Callable[[], tuple[Session, list[TapPoint]]] | None = None
+    fallback: Callable[[list[str]], tuple[Session, list[TapPoint]]] | None = None
+    # What the report gets from opening and running it, taken by the main thread in order.
+    notes: list[str] = field(default_factory=list)
+    kernels: KernelCount | None = None
+    failed: bool = False  # a run raised: the batches queued after it are not run
+
+    def run_batch(
+        self, outputs: list[str], feeds: dict[str, np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]] | None:
+        """:meth:`run` on this runner's thread, with the notes it made; None once a run failed."""
+        if self.failed:
+            return None
+        self.notes = []
+        try:
+            results, inside = self.run(outputs, feeds)
+        except BaseException:
+            self.failed = True
+            raise
+        return results, inside, self.notes
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         exposed = [point.exposed for point in self.points]
@@ -85,7 +114,7 @@ class _Opened:
         reopened = self.tapped.run(outputs + exposed, feeds)
         if all(identical(ours, theirs) for ours, theirs in zip(deployed, reopened)):
             return deployed, reopened[len(outputs) :]
-        self.tapped, self.points = self.fallback()
+        self.tapped, self.points = self.fallback(self.notes)
         self.fallback = None
         return deployed, self.tapped.run([point.exposed for point in self.points], feeds) if self.points else []
 
@@ -103,37 +132,70 @@ def _scratch_file() -> Iterator[Path]:
         Path(f"{name}.data").unlink(missing_ok=True)
 
 
-def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_graph: Path | None, report: VerificationReport) -> _Opened:
-    """Open ``model`` in ``runner``; raises what the runtime raises when it cannot load the model.
+@dataclass(frozen=True)
+class _Lowered:
+    """The lowered model as read (``model``) and as runtimes open it: ``skeleton`` and its
+    large initializers ``weights``, which ORT takes as external initializers (see
+    :mod:`qlower.large_models`; then exposing taps copies no weight). Another runtime
+    opens ``model`` itself (``skeleton`` is ``model`` and ``weights`` empty)."""
 
-    ``saved_graph`` (ORT at ``ORT_ENABLE_ALL``): where the deployed session writes its
-    optimized graph, whose integer kernels the report counts. Exposing a tap as an output
-    can change what an optimizing runtime fuses, so the taps are not read from the deployed
-    session. They are read from that saved graph reopened without optimizing it again, with
-    the taps as extra outputs, when it still holds every tap (the integers, or the
-    DequantizeLinear output they decode to); it runs what the deployed session runs, which
-    :class:`_Opened` checks on the graph outputs of every batch. Otherwise the lowered
+    model: onnx.ModelProto
+    skeleton: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+
+    @staticmethod
+    def of(model: onnx.ModelProto, runtime: str) -> _Lowered:
+        if runtime != "onnxruntime":
+            return _Lowered(model, model, {})
+        return _Lowered(model, *split(model))
+
+    def open(self, runner: Runner, exposed: list[str], saved_graph: Path | None = None) -> Session:
+        return runner.open(with_outputs(self.skeleton, exposed) if exposed else self.skeleton, saved_graph, self.weights)
+
+
+def _open(
+    runner: Runner,
+    lowered: _Lowered,
+    points: list[TapPoint],
+    deployed: Future[Session] | None,
+    saved_graph: Path | None,
+) -> _Opened:
+    """Open ``lowered`` in ``runner``; raises what the runtime raises when it cannot load it.
+
+    ``deployed`` (a runner that optimizes): the model already opening as deployed, on this
+    runner's thread. ``saved_graph`` (ORT at ``ORT_ENABLE_ALL``): where the deployed session
+    wrote its optimized graph, whose integer kernels the report counts. Exposing a tap as an
+    output can change what an optimizing runtime fuses, so the taps are not read from the
+    deployed session. They are read from that saved graph reopened without optimizing it
+    again, with the taps as extra outputs, when it still holds every tap (the integers, or
+    the DequantizeLinear output they decode to); it runs what the deployed session runs,
+    which :class:`_Opened` checks on the graph outputs of every batch. Otherwise the lowered
     model is opened a second time with the taps exposed, and optimized again.
     """
     if not runner.reads_integer_taps:
         points = [point.reading_float() for point in points]
     exposed = list(dict.fromkeys(point.exposed for point in points))
-    if not runner.optimizes:
-        session = runner.open(with_outputs(model, exposed) if exposed else model, saved_graph)
+    if deployed is None:
+        session = lowered.open(runner, exposed, saved_graph)
         return _Opened(runner, session, session, points)
-    deployed = runner.open(model, saved_graph)
-    saved = _read_saved_graph(saved_graph, report) if saved_graph is not None else None
+    opened = _Opened(runner, deployed.result(), deployed.result(), [])
+    saved = None
+    if saved_graph is not None:
+        saved, opened.kernels = _read_saved_graph(saved_graph, opened.notes)
     if not exposed:
-        return _Opened(runner, deployed, deployed, [])
+        return opened
 
-    def expose_in_lowered() -> tuple[Session, list[TapPoint]]:
+    # What a fallback needs (not the model as read, nor ``opened``: no reference cycle keeps a session alive).
+    skeleton, weights, deployed_session = lowered.skeleton, lowered.weights, opened.deployed
+
+    def expose_in_lowered(notes: list[str]) -> tuple[Session, list[TapPoint]]:
         try:
-            return runner.open(with_outputs(model, exposed)), points
+            return runner.open(with_outputs(skeleton, exposed), None, weights), points
         except Exception as exc:  # the runtime's own exception types; the deployed model loads
-            report.notes.append(f"{runner.level}: internal tensors not compared, exposing them failed: {first_line(exc)}")
-            return deployed, []
+            notes.append(f"{runner.level}: internal tensors not compared, exposing them failed: {first_line(exc)}")
+            return deployed_session, []
 
-    carried = carried_taps(points, model, saved) if saved is not None and isinstance(runner, OrtRunner) else None
+    carried = carried_taps(points, lowered.model, saved) if saved is not None and isinstance(runner, OrtRunner) else None
     if carried is not None:
         saved.graph.output.extend(  # type: ignore[union-attr]
             onnx.ValueInfoProto(name=name) for name in dict.fromkeys(point.exposed for point in carried)
@@ -143,20 +205,20 @@ def _open(runner: Runner, model: onnx.ModelProto, points: list[TapPoint], saved_
         except Exception:  # the runtime's own exception types: then the taps are exposed in the lowered model
             pass
         else:
-            return _Opened(runner, deployed, reopened, carried, expose_in_lowered)
-    tapped, chosen = expose_in_lowered()
-    return _Opened(runner, deployed, tapped, chosen)
+            opened.tapped, opened.points, opened.fallback = reopened, carried, expose_in_lowered
+            return opened
+    opened.tapped, opened.points = expose_in_lowered(opened.notes)
+    return opened
 
 
-def _read_saved_graph(path: Path, report: VerificationReport) -> onnx.ModelProto | None:
-    """The optimized graph ORT saved at ``path``, with its integer kernels counted in ``report``."""
+def _read_saved_graph(path: Path, notes: list[str]) -> tuple[onnx.ModelProto | None, KernelCount | None]:
+    """The optimized graph ORT saved at ``path`` and its integer kernels (a failure noted in ``notes``)."""
     try:
         saved = onnx.load(str(path), load_external_data=False)
-        report.kernels = count_kernels(saved)
+        return saved, count_kernels(saved)
     except Exception as exc:  # a graph ORT could not save (> 2 GB) is not counted
-        report.notes.append(f"{OPTIMIZED}: integer kernels not counted: {first_line(exc)}")
-        return None
-    return saved
+        notes.append(f"{OPTIMIZED}: integer kernels not counted: {first_line(exc)}")
+        return None, None
 
 
 @paused_cycle_collection
@@ -194,96 +256,159 @@ def verify(
     # verify only reads the models: a ModelProto handed in is not copied (weights held once)
     original_model = load_model(original, copy=False)
     lowered_model = load_model(lowered, copy=False)
-    wanted_opset = default_opset(lowered_model) if reference_opset is None else reference_opset
-    if wanted_opset > default_opset(original_model):
-        reference = ReferenceExecutor(normalize(original_model, wanted_opset))
-    else:
-        reference = ReferenceExecutor(original_model)
-    feeds_list = conform_inputs(original_model, inputs) if inputs is not None else make_inputs(original_model, batches, seed)
-    report = VerificationReport(target, tolerance_lsb, len(feeds_list), seed, runtime=runtime)
-    index = GraphIndex.of(original_model)
-    ranks = topological_ranks(index)
-    units = {name: output_unit(index, name) for name in reference.output_names}
-    points = plan_taps(index, ranks, input_dependent(index, list(reference.input_names)), lowered_model)
-
-    opened: list[_Opened] = []
-    for runner in runners:
-        counting = isinstance(runner, OrtRunner) and runner.level == OPTIMIZED
-        if not runner.advisory:
-            report.settings[runner.level] = runner.settings()
-        with _scratch_file() if counting else nullcontext() as saved:
+    with ExitStack() as stack:
+        # Each ORT runner opens and runs its sessions on a thread of its own, in order. ORT
+        # releases the GIL while it creates a session or runs one, so they overlap the
+        # reference, which runs here; the report is built here alone, in runner and batch
+        # order, so it does not depend on how the threads are timed.
+        scratch = stack.enter_context(ExitStack())  # removed once every runner is open (or after its thread ends)
+        saved_graphs = {
+            runner.level: scratch.enter_context(_scratch_file())
+            for runner in runners
+            if isinstance(runner, OrtRunner) and runner.level == OPTIMIZED
+        }
+        threads: dict[str, Executor] = {runner.level: _runner_thread(stack) if isinstance(runner, OrtRunner) else _InLine() for runner in runners}
+        opening = _Lowered.of(lowered_model, runtime)
+        # An optimizing runner's deployed session needs no taps and takes longest to create
+        # (ORT_ENABLE_ALL's graph transformers): it starts first.
+        deployed = {
+            runner.level: threads[runner.level].submit(opening.open, runner, [], saved_graphs.get(runner.level))
+            for runner in runners
+            if runner.optimizes
+        }
+        wanted_opset = default_opset(lowered_model) if reference_opset is None else reference_opset
+        if wanted_opset > default_opset(original_model):
+            reference = ReferenceExecutor(normalize(original_model, wanted_opset))
+        else:
+            reference = ReferenceExecutor(original_model)
+        feeds_list = conform_inputs(original_model, inputs) if inputs is not None else make_inputs(original_model, batches, seed)
+        report = VerificationReport(target, tolerance_lsb, len(feeds_list), seed, runtime=runtime)
+        index = GraphIndex.of(original_model)
+        ranks = topological_ranks(index)
+        units = {name: output_unit(index, name) for name in reference.output_names}
+        points = plan_taps(index, ranks, input_dependent(index, list(reference.input_names)), lowered_model)
+        finishing = [
+            threads[runner.level].submit(
+                _open, runner, opening, points, deployed.get(runner.level), saved_graphs.get(runner.level)
+            )
+            for runner in runners
+        ]
+        opened: list[_Opened] = []
+        for runner, future in zip(runners, finishing):
+            if not runner.advisory:
+                report.settings[runner.level] = runner.settings()
             try:
-                opened.append(_open(runner, lowered_model, points, saved if counting else None, report))
+                run = future.result()
             except Exception as exc:  # each runtime raises its own exception types
                 _runner_failed(report, runner, f"{runner.runtime} cannot load it: {first_line(exc)}")
-    if not opened:
-        return report
-    if not isinstance(lowered, onnx.ModelProto):
-        # The runtimes hold their own copies of the weights, and what follows reads only the
-        # lowered graph's nodes: a model verify loaded itself keeps none of its weights.
-        lowered_model = split(lowered_model, arrays=False)[0]
-    lowered_inputs = opened[0].deployed.input_names
-    lowered_outputs = set(opened[0].deployed.output_names)
-    extra = [name for name in lowered_inputs if name not in reference.input_names]
-    if extra:
-        report.failures.append(f"lowered model: it needs input {extra[0]!r}, which the original does not have")
-        return report
-    compared = [name for name in reference.output_names if name in lowered_outputs]
-    report.failures.extend(
-        f"output {name!r}: missing from the lowered model" for name in reference.output_names if name not in lowered_outputs
-    )
-
-    tallies = {(name, run.runner.level): Tally() for run in opened for name in compared}
-    tallies.update({(point.original, run.runner.level): Tally() for run in opened for point in run.points})
-    drifts = {(point.original, run.runner.level): Tally() for run in opened for point in run.points}
-    exact = {run.runner.level: target == "qcdq" and run.runner.exact_for_qcdq for run in opened}
-    # The probe (extra reference runs) only matters where a tolerance applies.
-    probing = any(unit.kind == "probe" for unit in units.values()) and not all(exact.values())
-    kept = [point.original for point in points]
-    progress.stage(f"verifying on {len(feeds_list)} batches", total=len(feeds_list))
-    for number, feeds in enumerate(feeds_list):
-        base = reference.trace(feeds)  # the probe and unit-local runs recompute only what they change
-        expected = {name: np.array(base[name]) for name in (*reference.output_names, *kept) if name in base}
-        steps: dict[str, np.ndarray | None] = {}
-        if probing:
-            steps.update(probe(reference, feeds, expected, units, np.random.default_rng([seed, number]), base))
-        for name in compared:
-            unit, value = units[name], expected[name]
-            if unit.step is not None and value.dtype.kind in "biuf":
-                steps[name] = unit.step(value.astype(np.float64))
-        lowered_feeds = {name: feeds[name] for name in lowered_inputs}
-        local_runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []  # (replacements, local reference)
-        for run in list(opened):
-            level = run.runner.level
-            try:
-                results, inside = run.run(compared, lowered_feeds)
-            except Exception as exc:  # each runtime raises its own exception types
-                _runner_failed(report, run.runner, f"{run.runner.runtime} failed to run it: {first_line(exc)}")
-                opened.remove(run)
                 continue
-            got_taps = {point.original: point.lowered_value(raw) for point, raw in zip(run.points, inside)}
-            local = expected if exact[level] else _local_reference(
-                reference, feeds, base, points, tolerance_lsb, expected, got_taps, local_runs
-            )
-            for name, got in zip(compared, results):
-                value = local[name]
-                step = steps.get(name)
-                if units[name].kind != "probe" and units[name].step is not None and value.dtype.kind in "biuf":
-                    step = units[name].step(value.astype(np.float64))  # type: ignore[misc]
-                tallies[(name, level)].add(value, np.asarray(got), step, units[name].kind == "grid")
-            for point in run.points:
-                value, drifted = local.get(point.original), expected.get(point.original)
-                if value is None or drifted is None:
+            report.notes.extend(run.notes)
+            report.kernels = run.kernels or report.kernels
+            opened.append(run)
+        scratch.close()
+        del deployed, finishing, opening  # the weights handed to the runtimes (each holds its copy)
+        if not opened:
+            return report
+        if not isinstance(lowered, onnx.ModelProto):
+            # The runtimes hold their own copies of the weights, and what follows reads only the
+            # lowered graph's nodes: a model verify loaded itself keeps none of its weights.
+            lowered_model = split(lowered_model, arrays=False)[0]
+        lowered_inputs = opened[0].deployed.input_names
+        lowered_outputs = set(opened[0].deployed.output_names)
+        extra = [name for name in lowered_inputs if name not in reference.input_names]
+        if extra:
+            report.failures.append(f"lowered model: it needs input {extra[0]!r}, which the original does not have")
+            return report
+        compared = [name for name in reference.output_names if name in lowered_outputs]
+        report.failures.extend(
+            f"output {name!r}: missing from the lowered model" for name in reference.output_names if name not in lowered_outputs
+        )
+
+        tallies = {(name, run.runner.level): Tally() for run in opened for name in compared}
+        tallies.update({(point.original, run.runner.level): Tally() for run in opened for point in run.points})
+        drifts = {(point.original, run.runner.level): Tally() for run in opened for point in run.points}
+        exact = {run.runner.level: target == "qcdq" and run.runner.exact_for_qcdq for run in opened}
+        # The probe (extra reference runs) only matters where a tolerance applies.
+        probing = any(unit.kind == "probe" for unit in units.values()) and not all(exact.values())
+        kept = [point.original for point in points]
+
+        def submit_batch(number: int) -> list[tuple[_Opened, Future[tuple[list[np.ndarray], list[np.ndarray], list[str]] | None]]]:
+            lowered_feeds = {name: feeds_list[number][name] for name in lowered_inputs}
+            return [(run, threads[run.runner.level].submit(run.run_batch, compared, lowered_feeds)) for run in opened]
+
+        progress.stage(f"verifying on {len(feeds_list)} batches", total=len(feeds_list))
+        running = submit_batch(0)
+        for number, feeds in enumerate(feeds_list):
+            # The runners run the next batch while this one is compared (one batch ahead at most).
+            this_batch, running = running, submit_batch(number + 1) if number + 1 < len(feeds_list) else []
+            base = reference.trace(feeds)  # the probe and unit-local runs recompute only what they change
+            expected = {name: np.array(base[name]) for name in (*reference.output_names, *kept) if name in base}
+            steps: dict[str, np.ndarray | None] = {}
+            if probing:
+                steps.update(probe(reference, feeds, expected, units, np.random.default_rng([seed, number]), base))
+            for name in compared:
+                unit, value = units[name], expected[name]
+                if unit.step is not None and value.dtype.kind in "biuf":
+                    steps[name] = unit.step(value.astype(np.float64))
+            local_runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []  # (replacements, local reference)
+            for run, future in this_batch:
+                if run not in opened:  # it failed on an earlier batch
                     continue
-                got, step = got_taps[point.original], point.unit.step
-                tallies[(point.original, level)].add(value, got, lambda: step(value.astype(np.float64)), True)  # type: ignore[misc]
-                drift = drifts[(point.original, level)]
-                drift.add(drifted, got, lambda: step(drifted.astype(np.float64)), True)  # type: ignore[misc]
-        progress.advance()
+                level = run.runner.level
+                try:
+                    ran = future.result()
+                except Exception as exc:  # each runtime raises its own exception types
+                    _runner_failed(report, run.runner, f"{run.runner.runtime} failed to run it: {first_line(exc)}")
+                    opened.remove(run)
+                    continue
+                assert ran is not None  # (None only after a failure, which removed the runner)
+                results, inside, notes = ran
+                report.notes.extend(notes)
+                got_taps = {point.original: point.lowered_value(raw) for point, raw in zip(run.points, inside)}
+                local = expected if exact[level] else _local_reference(
+                    reference, feeds, base, points, tolerance_lsb, expected, got_taps, local_runs
+                )
+                for name, got in zip(compared, results):
+                    value = local[name]
+                    step = steps.get(name)
+                    if units[name].kind != "probe" and units[name].step is not None and value.dtype.kind in "biuf":
+                        step = units[name].step(value.astype(np.float64))  # type: ignore[misc]
+                    tallies[(name, level)].add(value, np.asarray(got), step, units[name].kind == "grid")
+                for point in run.points:
+                    value, drifted = local.get(point.original), expected.get(point.original)
+                    if value is None or drifted is None:
+                        continue
+                    got, step = got_taps[point.original], point.unit.step
+                    tallies[(point.original, level)].add(value, got, lambda: step(value.astype(np.float64)), True)  # type: ignore[misc]
+                    drift = drifts[(point.original, level)]
+                    drift.add(drifted, got, lambda: step(drifted.astype(np.float64)), True)  # type: ignore[misc]
+            progress.advance()
 
     for run in opened:
         _conclude(report, run, compared, units, tallies, drifts, exact[run.runner.level], ranks, index, lowered_model)
     return report
+
+
+class _InLine(Executor):
+    """Runs each task when it is submitted, on the caller's thread: OpenVINO's Python
+    bindings deadlocked when first used from two threads (two runners, each with its own
+    Core), so its runners work in line with the reference."""
+
+    def submit(self, fn: Callable[..., Result], /, *args: Any, **kwargs: Any) -> Future[Result]:
+        future: Future[Result] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to whoever reads the result, as a thread's would be
+            future.set_exception(exc)
+        return future
+
+
+def _runner_thread(stack: ExitStack) -> ThreadPoolExecutor:
+    """A thread for one runner's sessions; on leaving ``stack`` what it has not started is
+    dropped (an exception here) and what it is running finishes."""
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlower-verify")
+    stack.callback(thread.shutdown, wait=True, cancel_futures=True)
+    return thread
 
 
 def _local_reference(
