@@ -30,8 +30,10 @@ def channels(draw: st.DrawFn) -> tuple[int, int, float, float, int, int, int]:
     acc_low = draw(st.integers(-3000, 100))
     acc_high = draw(st.integers(acc_low, acc_low + 5000))
     sign = draw(st.sampled_from([1.0, 1.0, -1.0, 0.0]))
-    magnitude = draw(st.floats(1e-4, 0.6))
-    offset = draw(st.floats(-300.0, 300.0))
+    # Tiny multipliers at half-integer offsets make T flat where the float estimate of its
+    # steps says it steps (float64 absorbs M * acc into the offset).
+    magnitude = draw(st.one_of(st.floats(1e-4, 0.6), st.floats(1e-45, 1e-12)))
+    offset = draw(st.one_of(st.floats(-300.0, 300.0), st.integers(-300, 300).map(lambda i: i + 0.5)))
     low, high = draw(st.sampled_from(OUTPUT_RANGES))
     k_max = draw(st.integers(1, 20))
     return acc_low, acc_high, sign * magnitude, offset, low, high, k_max
@@ -68,6 +70,28 @@ def test_checkpoints_hold_every_step_of_the_reference(channel: tuple[int, int, f
     for i in steps:
         assert int(every[i]) in points and int(every[i + 1]) in points
     assert len(points) <= 2 * (high - low) + 2
+
+
+@pytest.mark.parametrize("multiplier", [4.20000666e-40, -4.20000666e-40, 1e-30, 2.0**-60])
+def test_checkpoints_where_the_offset_absorbs_the_product(multiplier: float) -> None:
+    """A generated qop unit (M = 4.2e-40, offset 0.5, accumulators -1323..1197) crashed the
+    step search: rint(0.5 + M * acc) is 0 everywhere, the float estimate put its step at 0,
+    and single-point corrections could not walk 1,197 points."""
+    acc_low, acc_high, offset, low, high = -1323, 1197, 0.5, 0, 15
+    every = np.arange(acc_low, acc_high + 1)
+    values = reference_output(every, multiplier, offset, low, high)
+    points = set(checkpoints(acc_low, acc_high, multiplier, offset, low, high).tolist())
+    assert {acc_low, acc_high} <= points
+    for i in np.nonzero(np.diff(values))[0]:
+        assert int(every[i]) in points and int(every[i + 1]) in points
+    choice = choose_channel(acc_low, acc_high, multiplier, offset, low, high, 8)
+    got = ort_output(every, choice.k, choice.bias, choice.multiplier, low, high)
+    if len(np.unique(values)) == 1:  # a flat T is a constant channel: exact
+        assert choice.missed == 0
+    if choice.missed == 0:
+        np.testing.assert_array_equal(got, values)
+    else:  # the checked points are a subset: the misses there are real misses
+        assert np.count_nonzero(got != values) >= choice.missed
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
