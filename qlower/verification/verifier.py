@@ -40,7 +40,7 @@ import onnx
 from ..collector import paused_cycle_collection
 from ..errors import UnsupportedError
 from ..ir import ModelSource, default_opset, load_model, normalize
-from ..large_models import split
+from ..large_models import is_large, split
 from ..progress import Progress
 from ..reference import ReferenceExecutor, first_line, identical, node_label
 from .compare import (
@@ -145,8 +145,8 @@ class _Lowered:
 
     @staticmethod
     def of(model: onnx.ModelProto, runtime: str) -> _Lowered:
-        if runtime != "onnxruntime":
-            return _Lowered(model, model, {})
+        if runtime != "onnxruntime" or not any(is_large(tensor) for tensor in model.graph.initializer):
+            return _Lowered(model, model, {})  # (a skeleton would be a copy of the whole graph)
         return _Lowered(model, *split(model))
 
     def open(self, runner: Runner, exposed: list[str], saved_graph: Path | None = None) -> Session:
