@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -23,12 +23,14 @@ from rich.table import Table
 
 from . import ir, output
 from .errors import OutputError, QlowerError, VerificationError
-from .inspection import InspectionReport, inspect
 from .pipeline import TARGETS, ConversionReport, convert
-from .profiles import PROFILES
+from .profiles import PROFILES, RUNTIMES
 from .progress import for_terminal as progress_display
 from .report_schema import qlower_version
-from .verification import RUNTIMES, VerificationReport, load_inputs_npz, verify
+
+if TYPE_CHECKING:  # inspection and verification are imported by the commands that use them
+    from .inspection import InspectionReport
+    from .verification import VerificationReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 stdout = Console()
@@ -202,6 +204,8 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Describe MODEL: every quantizer and what each target makes of it, costs per bit width."""
+    from .inspection import inspect
+
     try:
         report = inspect(model)
     except QlowerError as exc:
@@ -267,7 +271,11 @@ def _convert_and_report(
 ) -> None:
     protect = [str(model), target_path]
     try:
-        feeds = load_inputs_npz(inputs, model) if inputs is not None else None
+        feeds = None
+        if inputs is not None:
+            from .verification import load_inputs_npz
+
+            feeds = load_inputs_npz(inputs, model)
         with progress_display(stderr, quiet) as progress:
             result = convert(model, to, output_path=target_path, inputs=feeds, progress=progress, **options)  # type: ignore[arg-type]
     except VerificationError as exc:
@@ -343,6 +351,8 @@ def verify_command(
     quiet: bool = typer.Option(False, "-q", "--quiet"),
 ) -> None:
     """Check LOWERED against the QONNX reference running ORIGINAL; exit 1 on a mismatch."""
+    from .verification import load_inputs_npz, verify
+
     protect = [str(original), str(lowered)]
     try:
         console = _summary_console(report_path)

@@ -10,7 +10,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnx
@@ -28,7 +28,9 @@ from .profiles import PORTABLE, Profile, get_profile
 from .passes.base import LoweringContext, QuantizerPass, QuantizerRecord, run_graph_pass, run_pass
 from .errors import VerificationError
 from .passes.registry import graph_passes_for, quantizer_passes_for
-from .verification import VerificationReport, check_runtime, verify
+
+if TYPE_CHECKING:  # verification (and what it imports) is loaded only by a convert that verifies
+    from .verification import VerificationReport
 
 TARGETS = ("qcdq", "qop")
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -242,6 +244,8 @@ def convert(
         output_path = output.output_file_for(output_path, source_path, to)
         output.check(output_path, protect=[source_path] if source_path else ())
     if verify_result:
+        from .verification import check_runtime
+
         check_runtime(runtime)
     progress = progress or Progress()
     seconds: dict[str, float] = {}
@@ -279,6 +283,8 @@ def convert(
         profile=policy,
     )
     if verify_result:
+        from .verification import verify
+
         start = time.perf_counter()
         # verify runs the reference on the original upgraded to the output opset; hand over
         # convert's normalized model (the same graph, upgraded when convert upgraded it)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .errors import UnsupportedError
 
+RUNTIMES = ("onnxruntime", "openvino")  # what verification can run a lowered model on
 UINT8_SIGNED_SHIFT = 128  # int8 value v is stored as uint8 v + 128 (same saturation bounds)
 
 

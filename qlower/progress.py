@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TaskID, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:  # rich.progress costs ~20-60 ms to import: only a bar actually drawn pays it
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress, TaskID
 
 SHOW_AFTER_SECONDS = 1.0
 
@@ -64,6 +66,8 @@ class TerminalProgress(Progress):
         if self._bar is None:
             if time.monotonic() - self._started < self._delay:
                 return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
             self._bar = RichProgress(
                 TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), console=self._console, transient=True,

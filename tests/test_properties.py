@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 
 import qlower
 import qlower.output
-import qlower.pipeline
+import qlower.verification
 from qlower.errors import InvalidQuantizerError, OutputError, VerificationError
 from qlower.verification import VerificationReport
 
@@ -191,7 +191,7 @@ def test_failed_verification_writes_nothing(previous_output: Path, monkeypatch: 
         report.failures.append("output 'y' at ORT_DISABLE_ALL: injected failure")
         return report
 
-    monkeypatch.setattr(qlower.pipeline, "verify", failing_verify)
+    monkeypatch.setattr(qlower.verification, "verify", failing_verify)
     with pytest.raises(VerificationError, match="injected failure"):
         qlower.convert(MODELS[0], output_path=previous_output, batches=2)
     assert_untouched(previous_output)

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedError
+from ..profiles import RUNTIMES
 from ..reference import make_session
 
-RUNTIMES = ("onnxruntime", "openvino")
 UNOPTIMIZED = "ORT_DISABLE_ALL"
 OPTIMIZED = "ORT_ENABLE_ALL"
 OPENVINO_F32 = "OPENVINO_CPU_F32"
