@@ -197,10 +197,23 @@ def _check_broadcast(node: gs.Node, shape: tuple[int, ...] | None, param: np.nda
             raise InvalidQuantizerError(f"{what} shape {param.shape} does not broadcast against the input shape {shape}", node.name)
 
 
+# Parameter checks already passed in one ``analyse`` call: (scale tensor, zero-point tensor,
+# input shape), by the identity of tensors the graph holds throughout the call.
+_Checked = set[tuple[int, int, "tuple[int, ...] | None"]]
+
+
 def _check_scale_and_zero_point(
-    node: gs.Node, shape: tuple[int, ...] | None, scale: np.ndarray | None, zero_point: np.ndarray | None
+    node: gs.Node, shape: tuple[int, ...] | None, scale: np.ndarray | None, zero_point: np.ndarray | None,
+    checked: _Checked | None,
 ) -> None:
-    """The checks Quant and Trunc share on their constant scale and zero point (None: run-time)."""
+    """The checks Quant and Trunc share on their constant scale and zero point (None: run-time).
+
+    Quantizers reading the same two parameter tensors with the same input shape (one scale
+    shared by thousands of quantizers) get the same answer: ``checked`` skips the repeats.
+    """
+    key = (id(node.inputs[1]), id(node.inputs[2]), shape)
+    if checked is not None and key in checked:
+        return
     if scale is not None:
         _check_scale(node, scale)
         _check_broadcast(node, shape, scale, "scale")
@@ -208,6 +221,8 @@ def _check_scale_and_zero_point(
         _check_broadcast(node, shape, zero_point, "zero point")
         if not np.all(np.isfinite(zero_point)):
             raise InvalidQuantizerError("zero point contains NaN or infinity", node.name)
+    if checked is not None:
+        checked.add(key)
 
 
 def _static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
@@ -242,8 +257,9 @@ def _rounding_mode(node: gs.Node, default: str | None) -> str:
         raise InvalidQuantizerError(str(exc), node.name) from None
 
 
-def analyse_node(node: gs.Node) -> Quantizer:
-    """Resolve one quantizer's parameters, refusing invalid or dynamic ones."""
+def analyse_node(node: gs.Node, checked: _Checked | None = None) -> Quantizer:
+    """Resolve one quantizer's parameters, refusing invalid or dynamic ones (``checked``:
+    the parameter checks this ``analyse`` call already passed)."""
     if not node.inputs or node.inputs[0] is None:
         raise InvalidQuantizerError("has no data input", node.name)
     shape = _static_shape(node.inputs[0])
@@ -256,21 +272,21 @@ def analyse_node(node: gs.Node) -> Quantizer:
             _check_broadcast(node, shape, scale, "scale")
         return Quantizer(node, _role(node), scale, np.zeros((), np.float32), input_rank=rank, runtime=tuple(runtime))
     if node.op == "Quant":
-        return _analyse_quant(node, shape, rank)
+        return _analyse_quant(node, shape, rank, checked)
     if node.op == "Trunc":
-        return _analyse_trunc(node, shape, rank)
+        return _analyse_trunc(node, shape, rank, checked)
     if node.op == "FloatQuant":
         return _analyse_float_quant(node, shape, rank)
     raise UnsupportedError(f"{node.op} is not supported yet", node.name)
 
 
-def _analyse_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
+def _analyse_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None, checked: _Checked | None) -> Quantizer:
     runtime: list[str] = []
     scale = _constant_or_runtime(node, 1, "scale", runtime)
     zero_point = _constant_or_runtime(node, 2, "zero point", runtime)
     raw_bits = _constant_or_runtime(node, 3, "bit width", runtime)
     bits = None if raw_bits is None else _scalar_bit_width(node, raw_bits, "bit width")
-    _check_scale_and_zero_point(node, shape, scale, zero_point)
+    _check_scale_and_zero_point(node, shape, scale, zero_point, checked)
     return Quantizer(
         node, _role(node), scale, zero_point, bits,
         signed=_flag(node, "signed", 1), narrow=_flag(node, "narrow", 0),
@@ -332,7 +348,7 @@ def _analyse_float_quant(node: gs.Node, shape: tuple[int, ...] | None, rank: int
     )
 
 
-def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None) -> Quantizer:
+def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | None, checked: _Checked | None) -> Quantizer:
     version = 2 if len(node.inputs) == 6 else 1
     runtime: list[str] = []
     scale = _constant_or_runtime(node, 1, "scale", runtime)
@@ -343,7 +359,7 @@ def _analyse_trunc(node: gs.Node, shape: tuple[int, ...] | None, rank: int | Non
     out_scale = _constant_or_runtime(node, 4, "output scale", runtime) if version == 2 else None
     raw_out_bits = _constant_or_runtime(node, 5 if version == 2 else 4, "output bit width", runtime)
     out_bits = None if raw_out_bits is None else _scalar_bit_width(node, raw_out_bits, "output bit width")
-    _check_scale_and_zero_point(node, shape, scale, zero_point)
+    _check_scale_and_zero_point(node, shape, scale, zero_point, checked)
     if out_scale is not None:
         _check_scale(node, out_scale, "output scale")
     return Quantizer(
@@ -385,7 +401,8 @@ def describe(q: Quantizer) -> dict[str, object]:
 
 def analyse(graph: gs.Graph) -> list[Quantizer]:
     """The quantizer table, in graph order."""
-    return [analyse_node(node) for node in graph.nodes if is_qonnx_node(node)]
+    checked: _Checked = set()
+    return [analyse_node(node, checked) for node in graph.nodes if is_qonnx_node(node)]
 
 
 def per_axis_layout(params: list[np.ndarray], rank: int | None) -> tuple[bool, int | None]:

@@ -84,7 +84,9 @@ def _relink_constant(tensor: gs.Constant) -> None:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        readers.extend(node for other in node.inputs if other is tensor)
+        for other in node.inputs:
+            if other is tensor:
+                readers.append(node)
     list.__setitem__(tensor.outputs, slice(None), readers)
 
 
@@ -198,7 +200,12 @@ def share_equal_constants(graph: gs.Graph) -> int:
 
 
 def _has_subgraphs(graph: gs.Graph) -> bool:
-    return bool(graph.functions) or any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values())
+    if graph.functions:
+        return True
+    for node in graph.nodes:
+        if node.attrs and any(isinstance(value, gs.Graph) for value in node.attrs.values()):
+            return True
+    return False
 
 
 def remove_unused_nodes(graph: gs.Graph) -> bool:

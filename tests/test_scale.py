@@ -210,3 +210,23 @@ def test_fast_constructors_build_what_gs_builds() -> None:
     fast.inputs[1] = x  # gs's own edits work on them: both sides kept
     # (gs removes the first node equal to it: the equal twin ``made``, as for gs-built nodes)
     assert fast.inputs[1] is x and len(c.outputs) == 1 and [id(n) for n in x.outputs].count(id(fast)) == 3
+
+
+def test_shared_parameters_are_checked_again_for_another_input_shape() -> None:
+    from qlower.analysis import analyse
+    from qlower.errors import InvalidQuantizerError
+
+    scale, zero_point, bits = (gs.Constant(name, np.asarray(v, np.float32)) for name, v in
+                               (("scale", [0.5, 0.25, 1.0]), ("zero_point", 0.0), ("bit_width", 8.0)))
+    nodes = []
+    for name, width in (("fits", 3), ("also_fits", 3), ("wrong_width", 4)):
+        x, y = gs.Variable(f"{name}_x", np.float32, (1, width)), gs.Variable(f"{name}_y", np.float32, (1, width))
+        nodes.append(gs.Node("Quant", name, {"signed": 1, "narrow": 0, "rounding_mode": "ROUND"},
+                             [x, scale, zero_point, bits], [y], domain="qonnx.custom_op.general"))
+    graph = gs.Graph(nodes=nodes, inputs=[n.inputs[0] for n in nodes], outputs=[n.outputs[0] for n in nodes])
+    with pytest.raises(InvalidQuantizerError, match="does not broadcast") as refused:
+        analyse(graph)
+    assert refused.value.node == "wrong_width"
+    nodes.pop()
+    graph.nodes = nodes
+    assert [q.name for q in analyse(graph)] == ["fits", "also_fits"]
