@@ -27,6 +27,7 @@ bit-identical, ties included, where other taps get the tolerance.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -137,3 +138,29 @@ def plan_taps(index: GraphIndex, ranks: dict[int, int], live: set[str], lowered:
         reads_input = node.input[0] in graph_inputs
         points.append(TapPoint(name, label, ranks[position], grid, tap.tensor if tap else name, tap, reads_input, dequantized))
     return sorted(points, key=lambda point: point.rank)
+
+
+def lowered_values(points: Sequence[TapPoint], raws: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """``point.lowered_value(raw)`` of each point, by its ``original`` name. The integers of
+    taps with one scale and zero point each are decoded together: the same float32
+    operations, element by element, as :meth:`qlower.taps.Tap.dequantize` does per tap."""
+    values: dict[str, np.ndarray] = {}
+    together: list[tuple[TapPoint, np.ndarray]] = []
+    for point, raw in zip(points, raws):
+        tap = point.tap
+        if tap is not None and not point.snapped and len(tap.scale) == 1 and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 4:
+            together.append((point, raw))
+        else:
+            values[point.original] = point.lowered_value(raw)
+    if not together:
+        return values
+    sizes = [raw.size for _, raw in together]
+    integers = np.concatenate([raw for _, raw in together], axis=None).astype(np.int64)  # each flattened
+    zero_points = np.repeat(np.array([point.tap.zero_point[0] for point, _ in together], np.int64), sizes)  # type: ignore[union-attr]
+    scales = np.repeat(np.array([point.tap.scale[0] for point, _ in together], np.float32), sizes)  # type: ignore[union-attr]
+    decoded = (integers - zero_points).astype(np.float32) * scales
+    offset = 0
+    for (point, raw), size in zip(together, sizes):
+        values[point.original] = decoded[offset : offset + size].reshape(raw.shape)
+        offset += size
+    return values
