@@ -14,6 +14,7 @@ import qlower
 from qlower.errors import QlowerError
 from qlower.verification import verifier
 from qlower.verification.runners import OPTIMIZED, UNOPTIMIZED, OrtRunner, Session
+from qlower.verification.sessions import InLine
 
 
 class FailingAt(Session):
@@ -43,7 +44,7 @@ def chain() -> tuple[Any, Any]:
 def test_threaded_report_is_the_in_line_report(chain: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     original, lowered = chain
     threaded = _report(original, lowered, batches=6)
-    monkeypatch.setattr(verifier, "_runner_thread", lambda stack: verifier._InLine())
+    monkeypatch.setattr(verifier, "runner_thread", lambda stack: InLine())
     assert _report(original, lowered, batches=6) == threaded
     assert json.loads(threaded)["passed"]
 
@@ -73,7 +74,7 @@ def test_runners_failing_on_their_threads_are_reported_in_batch_order(
     assert not report.outputs and not report.internal  # a runner that failed is not concluded
     threaded = json.dumps(report.to_dict())
     sessions.clear()
-    monkeypatch.setattr(verifier, "_runner_thread", lambda stack: verifier._InLine())
+    monkeypatch.setattr(verifier, "runner_thread", lambda stack: InLine())
     assert _report(original, lowered, batches=5) == threaded
 
 

@@ -24,7 +24,9 @@ load or run is a failed verification carrying ORT's first message line.
 
 The parts: ``inputs`` draws the feeds (or checks the user's), ``units`` finds what each
 output is measured in (the LSB, the probe, float), ``compare`` tallies differences and
-builds the report, ``verifier`` runs it all.
+builds the report, ``runners`` wraps each runtime, ``sessions`` opens the lowered model in
+each runner (as deployed, with its taps exposed, on the runner's own thread), ``verifier``
+runs it all.
 """
 
 from .compare import OutputRecord, VerificationReport
