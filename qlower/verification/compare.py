@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import VerificationError
+from ..reference import all_identical
 from ..report_schema import header
 from .kernels import KernelCount
 from .units import Unit
@@ -314,41 +315,14 @@ class Tally:
         self.max_units = max(self.max_units, float(np.nan_to_num(units, nan=np.inf, posinf=np.inf).max()))
 
 
-# Arrays this large are compared on their own; smaller ones are concatenated and compared at once.
-_BATCHED_ELEMENTS = 1 << 16
-
-
-def all_equal(references: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> bool:
-    """Whether each pair has one shape, one numeric dtype (the same for every pair) and equal
-    values, ``np.array_equal`` of each pair (so NaN is never equal, -0.0 equals 0.0), with one
-    comparison over the small arrays concatenated instead of one per pair."""
-    if not references:
-        return True
-    dtype = references[0].dtype
-    if dtype.kind not in "biuf":
-        return False
-    small_references, small_gots = [], []
-    for reference, got in zip(references, gots, strict=True):
-        # (``is`` first: numpy's dtypes of one kind are one object, and comparing them costs more)
-        if reference.shape != got.shape or (reference.dtype is not dtype and reference.dtype != dtype) or (got.dtype is not dtype and got.dtype != dtype):
-            return False
-        if reference.size >= _BATCHED_ELEMENTS:
-            if not np.array_equal(reference, got):
-                return False
-        else:
-            small_references.append(reference)
-            small_gots.append(got)
-    # axis=None: each array flattened
-    return not small_references or bool(np.array_equal(np.concatenate(small_references, axis=None), np.concatenate(small_gots, axis=None)))
-
-
 def add_taps(
     tallies: Sequence[Tally], references: Sequence[np.ndarray], gots: Sequence[np.ndarray], steps: Sequence[Callable[[np.ndarray], np.ndarray]]
 ) -> None:
     """``Tally.add(reference, got, step of the reference, grid=True)`` for each tap of one batch;
-    in the common case (every tap equal, see :func:`all_equal`) that adds only the element
-    counts, which is what each ``add`` would do then."""
-    if all_equal(references, gots):
+    in the common case (every tap bit-identical, see :func:`qlower.reference.all_identical`)
+    that adds only the element counts, which is what each ``add`` would do then (equal NaNs
+    and zeros included: they add no difference)."""
+    if all_identical(references, gots):
         for tally, reference in zip(tallies, references):
             tally.total += reference.size
         return
