@@ -36,6 +36,7 @@ from .. import semantics
 from ..errors import UnsupportedError
 from .base import Emitter
 from .float_ops import emit_count_at_or_below
+from .input_quantizer_thresholds import smallest_reaching
 
 F32 = np.float32
 CHECKED_NEIGHBOURS = 256  # floats on each side of every step point compared with the semantics
@@ -62,16 +63,10 @@ def ratio_table() -> tuple[np.ndarray, np.ndarray]:
     """
     with np.errstate(over="ignore"):  # 2^128 is inf in float32, as k is for the largest ratios
         targets = _snap(np.ldexp(F32(1), np.arange(_SMALLEST_EXPONENT, _LARGEST_EXPONENT + 1)).astype(F32))
-    low = np.zeros(targets.shape, np.int64)  # k(+0) = 0 is below every target
-    high = np.full(targets.shape, np.float32(np.inf).view(np.uint32), np.int64)  # k(inf) = inf reaches all
-    while np.any(high - low > 1):  # invariant: k(low) < target <= k(high)
-        middle = (low + high) // 2
-        reached = _snap(_as_float(middle)) >= targets
-        high = np.where(reached, middle, high)
-        low = np.where(reached, low, middle)
-    thresholds = _as_float(high)
+    # k(+0) = 0 is below every target and k(inf) = inf reaches all
+    thresholds = smallest_reaching(_snap, targets, start=0.0)
     values = np.concatenate([_snap(np.zeros(1, F32)), _snap(thresholds)]).astype(F32)
-    _check_steps(high, thresholds, values)
+    _check_steps(thresholds.view(np.uint32).astype(np.int64), thresholds, values)
     return thresholds, values
 
 
