@@ -216,65 +216,69 @@ def evaluate_qonnx_node(op_type: str, inputs: Sequence[np.ndarray], attrs: Mappi
     inputs are not modified. Raises InvalidQuantizerError for malformed parameters and
     UnsupportedError for an unknown op; the messages do not name a node (callers add it).
     """
-    op = OP_ALIASES.get(op_type, op_type)
     with np.errstate(all="ignore"):  # zero scales and overflow are defined IEEE results here
-        if op == "Quant":
-            _expect_inputs(op, inputs, (4,))
-            x, scale, zero_point, bit_width = inputs
-            return semantics.quant(
-                x,
-                scale,
-                zero_point,
-                _bit_width(bit_width, "Quant bit width"),
-                signed=_flag(attrs, "signed", 1),
-                narrow=_flag(attrs, "narrow", 0),
-                rounding_mode=_rounding_mode(attrs, op, "ROUND"),
-            )
-        if op == "BipolarQuant":
-            _expect_inputs(op, inputs, (2,))
-            return semantics.bipolar_quant(inputs[0], inputs[1])
-        if op == "Trunc":
-            _expect_inputs(op, inputs, (5, 6))
-            mode = _rounding_mode(attrs, op, None)
-            if len(inputs) == 5:
-                x, scale, zero_point, in_bits, out_bits = inputs
-                return semantics.trunc_v1(
-                    x,
-                    scale,
-                    zero_point,
-                    _bit_width(in_bits, "Trunc input bit width"),
-                    _bit_width(out_bits, "Trunc output bit width"),
-                    mode,
-                )
-            x, scale, zero_point, _in_bits, out_scale, out_bits = inputs
-            return semantics.trunc_v2(
-                x,
-                scale,
-                zero_point,
-                out_scale,
-                _bit_width(out_bits, "Trunc output bit width"),
-                signed=_flag(attrs, "signed", 1),
-                narrow=_flag(attrs, "narrow", 0),
-                rounding_mode=mode,
-            )
-        if op == "FloatQuant":
-            _expect_inputs(op, inputs, (6,))
-            x, scale, exponent_bits, mantissa_bits, exponent_bias, max_val = inputs
+        return prepare_qonnx_node(op_type, inputs, attrs)(inputs[0])
+
+
+def prepare_qonnx_node(
+    op_type: str, inputs: Sequence[np.ndarray], attrs: Mapping[str, object]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`evaluate_qonnx_node` with every input but the first (``x``, not read here)
+    fixed: the attributes and parameters are checked and parsed once, and the function
+    returned maps ``x`` to the node's value, bit for bit what ``evaluate_qonnx_node`` gives
+    (the reference runs each quantizer once per batch). Raises what ``evaluate_qonnx_node``
+    raises for the same attributes and parameters, in the same order. Call it, and what it
+    returns, under ``np.errstate(all="ignore")``.
+    """
+    op = OP_ALIASES.get(op_type, op_type)
+    if op == "Quant":
+        _expect_inputs(op, inputs, (4,))
+        _, scale, zero_point, bit_width = inputs
+        return semantics.quantizer(
+            scale,
+            zero_point,
+            _bit_width(bit_width, "Quant bit width"),
+            signed=_flag(attrs, "signed", 1),
+            narrow=_flag(attrs, "narrow", 0),
+            rounding_mode=_rounding_mode(attrs, op, "ROUND"),
+        )
+    if op == "BipolarQuant":
+        _expect_inputs(op, inputs, (2,))
+        bipolar_scale = inputs[1]
+        return lambda x: semantics.bipolar_quant(x, bipolar_scale)
+    if op == "Trunc":
+        _expect_inputs(op, inputs, (5, 6))
+        mode = _rounding_mode(attrs, op, None)
+        if len(inputs) == 5:
+            _, scale, zero_point, in_bits, out_bits = inputs
+            in_width = _bit_width(in_bits, "Trunc input bit width")
+            out_width = _bit_width(out_bits, "Trunc output bit width")
+            return lambda x: semantics.trunc_v1(x, scale, zero_point, in_width, out_width, mode)
+        _, scale, zero_point, _in_bits, out_scale, out_bits = inputs
+        out_width = _bit_width(out_bits, "Trunc output bit width")
+        signed, narrow = _flag(attrs, "signed", 1), _flag(attrs, "narrow", 0)
+        return lambda x: semantics.trunc_v2(x, scale, zero_point, out_scale, out_width, signed, narrow, mode)
+    if op == "FloatQuant":
+        _expect_inputs(op, inputs, (6,))
+        _, scale, exponent_bits, mantissa_bits, exponent_bias, max_val = inputs
+        exponent_width = _integer(exponent_bits, "FloatQuant exponent bit width", 1)
+        mantissa_width = _integer(mantissa_bits, "FloatQuant mantissa bit width", 0)
+        bias = _integer(exponent_bias, "FloatQuant exponent bias")
+        largest = _scalar(max_val, "FloatQuant max_val")
+        has_inf, has_nan = _flag(attrs, "has_inf", 0), _flag(attrs, "has_nan", 0)
+        saturation = _flag(attrs, "saturation", 1)
+        float_mode = _rounding_mode(attrs, op, "ROUND")
+
+        def float_quantized(x: np.ndarray) -> np.ndarray:
             try:
                 return semantics.float_quant(
-                    x,
-                    scale,
-                    _integer(exponent_bits, "FloatQuant exponent bit width", 1),
-                    _integer(mantissa_bits, "FloatQuant mantissa bit width", 0),
-                    _integer(exponent_bias, "FloatQuant exponent bias"),
-                    _scalar(max_val, "FloatQuant max_val"),
-                    has_inf=_flag(attrs, "has_inf", 0),
-                    has_nan=_flag(attrs, "has_nan", 0),
-                    saturation=_flag(attrs, "saturation", 1),
-                    rounding_mode=_rounding_mode(attrs, op, "ROUND"),
+                    x, scale, exponent_width, mantissa_width, bias, largest,
+                    has_inf=has_inf, has_nan=has_nan, saturation=saturation, rounding_mode=float_mode,
                 )
             except ValueError as exc:  # saturation=0 without has_inf / has_nan
                 raise InvalidQuantizerError(str(exc)) from None
+
+        return float_quantized
     raise UnsupportedError(f"{op_type} is not a QONNX quantizer qlower knows")
 
 
@@ -344,20 +348,31 @@ class _QonnxStep:
     # evaluated on the first run and kept, so each run costs one evaluation per activation.
     constant: bool = False
     value: np.ndarray | None = None
+    # A quantizer whose parameters (every input but x) are constants is prepared on its
+    # first run (attributes and parameters parsed once: prepare_qonnx_node) and reused.
+    fixed_parameters: bool = False
+    prepared: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def outputs(self) -> tuple[str, ...]:
         return (self.output,)
 
     def run(self, env: dict[str, np.ndarray]) -> None:
+        """Compute the output into ``env``; call under ``np.errstate(all="ignore")``."""
         if self.value is not None:
             env[self.output] = self.value
             return
         try:
+            if self.prepared is not None:
+                env[self.output] = self.prepared(env[self.inputs[0]])
+                return
             inputs = [env[name] for name in self.inputs]
             value = _evaluate_in_slices(self.op_type, inputs, self.attrs) if self.constant else None
             if value is None:
-                value = evaluate_qonnx_node(self.op_type, inputs, self.attrs)
+                evaluate = prepare_qonnx_node(self.op_type, inputs, self.attrs)
+                value = evaluate(inputs[0])
+                if self.fixed_parameters and not self.constant:
+                    self.prepared = evaluate
         except QlowerError as exc:
             raise type(exc)(exc.reason, exc.node or self.label) from None
         except ValueError as exc:  # numpy: operands that do not broadcast
@@ -507,19 +522,20 @@ class ReferenceExecutor:
             if base is not None and not identical(env[name], base[name]):
                 changed.add(name)
         computed: dict[str, np.ndarray] = {}
-        for step in self._steps:
-            if base is None or not changed.isdisjoint(step.inputs):
-                step.run(env)
-                if base is not None:
-                    changed.update(name for name in step.outputs if not identical(env[name], base[name]))
-            if isinstance(step, _QonnxStep) and (step.output in perturb or step.output in replace):
-                if step.output in perturb:
-                    env[step.output] = perturb[step.output](env[step.output])
-                if step.output in replace:
-                    computed[step.output] = env[step.output]
-                    env[step.output] = replace[step.output](env[step.output])
-                if base is not None and not identical(env[step.output], base[step.output]):
-                    changed.add(step.output)
+        with np.errstate(all="ignore"):  # the quantizers: zero scales and overflow are defined IEEE results
+            for step in self._steps:
+                if base is None or not changed.isdisjoint(step.inputs):
+                    step.run(env)
+                    if base is not None:
+                        changed.update(name for name in step.outputs if not identical(env[name], base[name]))
+                if isinstance(step, _QonnxStep) and (step.output in perturb or step.output in replace):
+                    if step.output in perturb:
+                        env[step.output] = perturb[step.output](env[step.output])
+                    if step.output in replace:
+                        computed[step.output] = env[step.output]
+                        env[step.output] = replace[step.output](env[step.output])
+                    if base is not None and not identical(env[step.output], base[step.output]):
+                        changed.add(step.output)
         for name in self._releasable:
             del self._constants[name]
         self._releasable = ()
@@ -595,8 +611,12 @@ class ReferenceExecutor:
                 node = nodes[index]
                 attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
                 constant = all(name in self._constants for name in node.input if name)
+                fixed = all(name in self._constants for name in node.input[1:])
                 plan.append(
-                    _QonnxStep(node_label(node, index), node.op_type, tuple(node.input), node.output[0], attrs, constant)
+                    _QonnxStep(
+                        node_label(node, index), node.op_type, tuple(node.input), node.output[0], attrs, constant,
+                        fixed_parameters=fixed,
+                    )
                 )
                 produce(index)
                 scheduled += 1

@@ -82,6 +82,54 @@ def _f32(value: np.ndarray | float) -> np.ndarray:
     return np.asarray(value, dtype=F32)
 
 
+def integer_quantizer(
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    bit_width: float,
+    signed: bool,
+    narrow: bool,
+    rounding_mode: str = "ROUND",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Steps 1-3 of Quant with the parameters fixed: ``x -> q`` (float32), the integer grid
+    value before dequantization. The parameters are converted and the clamp bounds and the
+    rounding function found once, here; the reference runs each quantizer once per batch."""
+    scale, zero_point = _f32(scale), _f32(zero_point)
+    if signed and bit_width == 1:
+
+        def sign(x: np.ndarray) -> np.ndarray:
+            t = _f32(x) / scale + zero_point
+            return np.where(t >= 0, F32(1), F32(-1)).astype(F32)
+
+        return sign
+    q_min, q_max = float_range(signed, narrow, bit_width)
+    rounder = _ROUNDERS[normalize_rounding_mode(rounding_mode)]
+
+    def grid(x: np.ndarray) -> np.ndarray:
+        t = _f32(x) / scale + zero_point
+        return rounder(np.asarray(np.clip(t, q_min, q_max), dtype=F32)).astype(F32)
+
+    return grid
+
+
+def quantizer(
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    bit_width: float,
+    signed: bool,
+    narrow: bool,
+    rounding_mode: str = "ROUND",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """QONNX ``Quant`` with the parameters fixed: ``x -> (q - zero_point) * scale``, ``q``
+    from :func:`integer_quantizer`. :func:`quant` is this, made and applied at once."""
+    integer = integer_quantizer(scale, zero_point, bit_width, signed, narrow, rounding_mode)
+    scale, zero_point = _f32(scale), _f32(zero_point)
+
+    def dequantized(x: np.ndarray) -> np.ndarray:
+        return ((integer(x) - zero_point) * scale).astype(F32)
+
+    return dequantized
+
+
 def quant_integer(
     x: np.ndarray,
     scale: np.ndarray,
@@ -92,11 +140,7 @@ def quant_integer(
     rounding_mode: str = "ROUND",
 ) -> np.ndarray:
     """Steps 1-3 of Quant: the integer grid value ``q`` (as float32) before dequantization."""
-    t = _f32(x) / _f32(scale) + _f32(zero_point)
-    if signed and bit_width == 1:
-        return np.where(t >= 0, F32(1), F32(-1)).astype(F32)
-    q_min, q_max = float_range(signed, narrow, bit_width)
-    return round_with_mode(np.clip(t, q_min, q_max), rounding_mode)
+    return integer_quantizer(scale, zero_point, bit_width, signed, narrow, rounding_mode)(x)
 
 
 def quant(
@@ -109,8 +153,7 @@ def quant(
     rounding_mode: str = "ROUND",
 ) -> np.ndarray:
     """QONNX ``Quant``: ``(q - zero_point) * scale`` with ``q`` from :func:`quant_integer`."""
-    q = quant_integer(x, scale, zero_point, bit_width, signed, narrow, rounding_mode)
-    return ((q - _f32(zero_point)) * _f32(scale)).astype(F32)
+    return quantizer(scale, zero_point, bit_width, signed, narrow, rounding_mode)(x)
 
 
 def bipolar_integer(x: np.ndarray) -> np.ndarray:
