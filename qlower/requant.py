@@ -163,10 +163,10 @@ def _target_bounds(targets: np.ndarray, low: int, high: int) -> tuple[np.ndarray
     return below, above
 
 
-def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k: int, b: np.ndarray,
+def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k: np.ndarray, b: np.ndarray,
                      sign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row (its points, target intervals, bias ``b`` and slope sign), the slopes ``s``
-    (= ``M' * k``) with ``s * (p + B/k)`` inside every target interval, in reals:
+    """Per row (its points, target intervals, factor ``k``, bias ``b`` and slope sign), the
+    slopes ``s`` (= ``M' * k``) with ``s * (p + B/k)`` inside every target interval, in reals:
     ``(lowest, highest, feasible)``."""
     c = points + (b / k)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -185,15 +185,15 @@ def _slope_intervals(points: np.ndarray, below: np.ndarray, above: np.ndarray, k
     return lowest, highest, allowed & (lowest < highest)
 
 
-def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multiplier: np.ndarray, k: int,
-                int32_low: np.ndarray, int32_high: np.ndarray, biases: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B, M') pairs to try for one ``k``, in order, per row: biases around the real-feasible
-    window at the true slope, each with a multiplier from the middle of the slopes that bias
-    allows. Returned as ``(exists, B, M')`` [A, 3 * biases] for the first ``biases`` of the
-    nine: a row's candidates are the columns where ``exists`` (a repeated bias or an
-    unusable multiplier does not exist)."""
-    scaled = multiplier[:, None] * points
-    d_low, d_high = (below - scaled).max(axis=1), (above - scaled).min(axis=1)
+def _candidates(search: _Search, rows: np.ndarray, k: np.ndarray, int32_low: np.ndarray, int32_high: np.ndarray,
+                biases: int = 9, first_bias: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, M') pairs to try for channel ``rows[i]`` of the block with factor ``k[i]``, in
+    order: biases around the real-feasible window at the true slope, each with a multiplier
+    from the middle of the slopes that bias allows. Returned as ``(exists, B, M')``
+    [A, 3 * (biases - first_bias)] for biases ``first_bias`` to ``biases - 1`` of the nine: a
+    pair's candidates are the columns where ``exists`` (a bias repeating an earlier one,
+    skipped ones included, or an unusable multiplier does not exist)."""
+    multiplier, d_low, d_high = search.true_multiplier[rows], search.window_low[rows], search.window_high[rows]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         one, two = k * d_low / multiplier, k * d_high / multiplier
     ends = np.minimum(one, two), np.maximum(one, two)
@@ -206,25 +206,27 @@ def _candidates(points: np.ndarray, below: np.ndarray, above: np.ndarray, multip
     b = np.minimum(np.maximum(around[:, :biases], int32_low[:, None]), int32_high[:, None]).astype(np.int64)
     earlier = np.tri(biases, k=-1, dtype=bool)  # [j, i]: bias i comes before bias j
     new = ~np.any((b[:, :, None] == b[:, None, :]) & earlier, axis=2)
+    b, new = b[:, first_bias:], new[:, first_bias:]
     sign = np.where(multiplier > 0, 1.0, -1.0)
     # Slope intervals for each new bias only (a repeated bias has no candidates).
     lowest, highest = np.zeros(b.shape), np.zeros(b.shape)
     feasible = np.zeros(b.shape, bool)
     row, slot = np.nonzero(new)
+    channel = rows[row]
     lowest[row, slot], highest[row, slot], feasible[row, slot] = _slope_intervals(
-        points[row], below[row], above[row], k, b[row, slot], sign[row])
+        search.points_float[channel], search.below[channel], search.above[channel], k[row], b[row, slot], sign[row])
     true_slope = multiplier[:, None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s = np.where(np.isfinite(lowest) & np.isfinite(highest), (lowest + highest) / 2,
                      np.where((lowest < true_slope) & (true_slope < highest), true_slope,
                               np.where(np.isfinite(lowest), lowest * 2, highest / 2)))
-        nearest = np.where(feasible, s / k, true_slope / k).astype(F32)
+        nearest = np.where(feasible, s / k[:, None], true_slope / k[:, None]).astype(F32)
     # Per bias: the nearest multiplier, then (where the slopes allow) one float32 step up and down.
     m = np.stack([nearest, np.nextafter(nearest, F32(np.inf)), np.nextafter(nearest, F32(-np.inf))], axis=2)
     exists = np.stack([new, new & feasible, new & feasible], axis=2)
     exists &= (m != 0) & np.isfinite(m) & (np.sign(m) == sign[:, None, None])
-    rows = len(points)
-    return exists.reshape(rows, -1), np.repeat(b, 3, axis=1), m.reshape(rows, -1)
+    pairs = len(rows)
+    return exists.reshape(pairs, -1), np.repeat(b, 3, axis=1), m.reshape(pairs, -1)
 
 
 def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float, low: int, high: int,
@@ -235,7 +237,8 @@ def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float
     ``k * acc`` could leave int32) the candidates are the integer biases around the window
     the true slope allows, each with the middle of the slopes that bias allows (a linear
     program in reals: ``s * (p + B/k)`` inside each target's rounding interval), then
-    checked exactly in float32. The first exact choice wins, so ``k`` is the smallest.
+    checked exactly in float32. The first exact choice wins, so ``k`` is the smallest; with
+    none exact, the first (smallest ``k``, then candidate order) of those missing fewest.
     """
     k, bias, chosen, missed, checked, worst = _choose_rows(
         np.array([acc_low], np.int64), np.array([acc_high], np.int64), np.array([multiplier], np.float64),
@@ -243,16 +246,23 @@ def choose_channel(acc_low: int, acc_high: int, multiplier: float, offset: float
     return ChannelChoice(int(k[0]), int(bias[0]), chosen[0], int(missed[0]), int(checked[0]), int(worst[0]))
 
 
-# Channels searched together: their checkpoint rows hold at most this many points in all
-# (the search holds 27 candidates of each: a few MB per temporary).
+# Channels searched together: their checkpoint rows hold at most this many points in all.
 _POINTS_PER_BLOCK = 1 << 15
+# Candidates times points held by one numpy round of the search (a few MB per temporary):
+# a whole block's 27 candidates, or the first bias's 3 candidates for up to 9 factors.
+_CANDIDATE_POINTS = 27 * _POINTS_PER_BLOCK
+# Factors k tried in one round, at most: rounds try k = 1, 2-3, 4-7, 8-15, ... (each round
+# costs numpy call overhead, each factor past a channel's answer costs work; in the real
+# exports most channels are exact at k = 1 to 3).
+_FACTORS_PER_ROUND = 8
+_NO_CANDIDATE = np.iinfo(np.int64).max  # a pair's fewest misses where it has no candidate
 
 
 def _choose_rows(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndarray, offset: np.ndarray,
                  low: int, high: int, k_max: np.ndarray) -> tuple[np.ndarray, ...]:
     """:func:`choose_channel` for every channel, in blocks of channels searched at once with
-    numpy; each channel tries the same candidates in the same order and keeps the same one
-    as a search of that channel alone. Returns ``(k, B, M', missed, checked, worst)``."""
+    numpy, several factors ``k`` per round; each channel keeps the same choice as a search of
+    that channel alone, one ``k`` at a time. Returns ``(k, B, M', missed, checked, worst)``."""
     if low > high or np.any(acc_low > acc_high):
         raise ValueError("empty output or accumulator range")
     channels = len(acc_low)
@@ -276,6 +286,12 @@ class _Search:
     points: np.ndarray  # [C, P] int64, each row's checked accumulators (repeats allowed)
     first: np.ndarray  # [C, P] bool: a value's first place in its row (what is counted)
     targets: np.ndarray  # [C, P] T at the points
+    targets_float32: np.ndarray | None  # the same in float32 where that is exact, else None
+    points_float: np.ndarray  # the points in float64
+    below: np.ndarray  # [C, P] open interval ORT's float value must fall in for its target
+    above: np.ndarray
+    window_low: np.ndarray  # [C] the offsets d with M * p + d inside every target interval: (low, high)
+    window_high: np.ndarray
     low: int
     high: int
     k: np.ndarray
@@ -299,66 +315,104 @@ def _choose_block(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndar
     # T is monotone: constant over the whole range (e.g. M ~ 0) when equal at both ends.
     constant = ~zero & (targets[:, 0] == targets[:, -1])
     bias[constant] = targets[constant, 0]
-    search = _Search(acc_low, acc_high, multiplier, points, first, targets, low, high, np.zeros(channels, np.int64),
+    below, above = _target_bounds(targets, low, high)
+    points_float = points.astype(np.float64)
+    scaled = multiplier[:, None] * points_float
+    # Integers exact in float32: ORT's values are compared with the targets there.
+    targets_float32 = targets.astype(F32) if max(abs(low), abs(high)) <= 2**24 else None
+    search = _Search(acc_low, acc_high, multiplier, points, first, targets, targets_float32, points_float, below, above,
+                     (below - scaled).max(axis=1), (above - scaled).min(axis=1), low, high, np.zeros(channels, np.int64),
                      bias, np.ones(channels, F32), np.zeros(channels, np.int64), np.zeros(channels, np.int64),
                      np.zeros(channels, bool), ~zero & ~constant)
     biggest = np.maximum(np.abs(acc_low), np.abs(acc_high))
     limit = np.maximum(k_max, 1)
-    factor = 1
+    start = 1
     while True:
-        rows = np.nonzero(search.open & (factor <= limit) & (factor * biggest <= INT32_MAX))[0]
+        rows = np.nonzero(search.open & (start <= limit) & (start * biggest <= INT32_MAX))[0]
         if not rows.size:
             break
-        # Most channels are exact at the first bias: try its three multipliers on every row,
-        # then all 27 candidates on the rest (their first exact one lies past those three).
-        exact = _try_candidates(search, rows, factor, biases=1)
-        _try_candidates(search, rows[~exact], factor, biases=9)
-        factor += 1
+        # Factors start, start + 1, ... for every open row at once: doubling, as many as the round holds.
+        count = max(1, min(_FACTORS_PER_ROUND, start, _CANDIDATE_POINTS // (3 * rows.size * points.shape[1])))
+        pair_row = np.repeat(rows, count)
+        pair_k = np.tile(np.arange(start, start + count, dtype=np.int64), rows.size)
+        usable = (pair_k <= limit[pair_row]) & (pair_k * biggest[pair_row] <= INT32_MAX)
+        _search_factors(search, pair_row[usable], pair_k[usable])
+        start += count
     if np.any(~zero & ~constant & ~search.found):  # even k = 1 overflows int32: no integer unit can hold this channel
         raise OverflowError("the accumulator range does not fit int32")
     return search.k, search.bias, search.multiplier, search.missed, checked, search.worst
 
 
-def _try_candidates(search: _Search, rows: np.ndarray, factor: int, biases: int) -> np.ndarray:
-    """Try ``k = factor`` with the candidates of the first ``biases`` biases on ``rows``; each
-    row keeps the first candidate that misses fewest if it misses fewer than its best so far
-    (the first exact one when there is one), as trying them in order and stopping at an
-    exact one does. Returns which of ``rows`` are now exact."""
-    if not rows.size:
-        return np.zeros(0, bool)
+def _search_factors(search: _Search, pair_row: np.ndarray, pair_k: np.ndarray) -> None:
+    """Try the factors ``pair_k`` on the rows ``pair_row`` (pairs grouped by row, ``k``
+    rising), keeping per row what trying them one ``k`` at a time, candidates in order,
+    keeps: the first exact candidate, else the first of those missing fewest, if it misses
+    fewer than the row's best so far (whose ``k`` is smaller). Closes rows now exact.
+
+    That choice is the first pair with the fewest misses, and per pair its first candidate
+    with the fewest. Most channels are exact at their first bias's three candidates, so every
+    pair tries those first, and only a pair with no exact one at its ``k`` or a smaller one
+    tries the other 24 (a pair past the row's first exact ``k`` cannot be chosen)."""
     s = search
-    points, targets = s.points[rows], s.targets[rows]
-    below, above = _target_bounds(targets, s.low, s.high)
-    exists, b, m = _candidates(points.astype(np.float64), below, above, s.true_multiplier[rows], factor,
-                               (INT32_MIN - factor * s.acc_low[rows]).astype(np.float64),
-                               (INT32_MAX - factor * s.acc_high[rows]).astype(np.float64), biases)
+    fewest, bias, multiplier, worst = _try_pairs(s, pair_row, pair_k, biases=1, first_bias=0)
+    row_starts = np.concatenate([[True], pair_row[1:] != pair_row[:-1]])
+    starts, group = np.flatnonzero(row_starts), np.cumsum(row_starts) - 1  # group: each pair's row, from 0
+    exact_so_far = np.cumsum(fewest == 0)
+    exact_before_row = (exact_so_far - (fewest == 0))[starts]
+    open_pairs = np.flatnonzero(exact_so_far - exact_before_row[group] == 0)
+    per_round = max(1, _CANDIDATE_POINTS // (24 * s.points.shape[1]))
+    for at in range(0, open_pairs.size, per_round):
+        pairs = open_pairs[at:at + per_round]
+        rest = _try_pairs(s, pair_row[pairs], pair_k[pairs], biases=9, first_bias=1)
+        fewer = rest[0] < fewest[pairs]  # a tie keeps the earlier candidate, of the first bias
+        for column, found in zip((fewest, bias, multiplier, worst), rest):
+            column[pairs[fewer]] = found[fewer]
+    row_fewest = np.minimum.reduceat(fewest, starts)
+    at_fewest = np.flatnonzero(fewest == row_fewest[group])
+    pick = at_fewest[np.unique(group[at_fewest], return_index=True)[1]]  # each row's first pair at its fewest
+    rows, fewest = pair_row[pick], fewest[pick]
+    better = (fewest != _NO_CANDIDATE) & (~s.found[rows] | (fewest < s.missed[rows]))
+    chosen, pick = rows[better], pick[better]
+    s.k[chosen], s.bias[chosen], s.multiplier[chosen] = pair_k[pick], bias[pick], multiplier[pick]
+    s.missed[chosen], s.worst[chosen] = fewest[better], worst[pick]
+    s.found[chosen] = True
+    s.open[chosen[fewest[better] == 0]] = False
+
+
+def _try_pairs(search: _Search, rows: np.ndarray, factors: np.ndarray, biases: int,
+               first_bias: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Try each row's factor with the candidates of biases ``first_bias`` to ``biases - 1``
+    (rows may repeat, with different factors). Returns per pair the first candidate missing
+    fewest: ``(fewest, B, M', worst)``, ``fewest`` being :data:`_NO_CANDIDATE` where the pair
+    has no candidate."""
+    s = search
+    exists, b, m = _candidates(s, rows, factors, (INT32_MIN - factors * s.acc_low[rows]).astype(np.float64),
+                               (INT32_MAX - factors * s.acc_high[rows]).astype(np.float64), biases, first_bias)
     # Each row's points hold both ends of its range, where k * acc + B is lowest and highest.
-    if np.any(exists & ((factor * s.acc_low[rows, None] + b < INT32_MIN) | (factor * s.acc_high[rows, None] + b > INT32_MAX))):
+    k = factors[:, None]
+    if np.any(exists & ((k * s.acc_low[rows, None] + b < INT32_MIN) | (k * s.acc_high[rows, None] + b > INT32_MAX))):
         raise OverflowError("k * acc + B leaves int32")
     # Only the candidates that exist (a sixth of the columns), one per row of these arrays.
     row, column = np.nonzero(exists)
     where = np.full(exists.shape, -1)
     where[row, column] = np.arange(row.size)
-    totals = factor * points[row] + b[row, column][:, None]
+    channel = rows[row]
+    totals = factors[row, None] * s.points[channel] + b[row, column][:, None]
     with np.errstate(over="ignore"):
         values = np.clip(np.rint(totals.astype(F32) * m[row, column][:, None]), s.low, s.high)  # F before its int64 cast
-    if max(abs(s.low), abs(s.high)) <= 2**24:  # integers exact in float32: compare there
-        wrong = values != targets.astype(F32)[row]
+    if s.targets_float32 is not None:
+        wrong = values != s.targets_float32[channel]
     else:
-        wrong = values.astype(np.int64) != targets[row]
-    misses = np.full(exists.shape, np.iinfo(np.int64).max)
-    misses[row, column] = np.count_nonzero(wrong & s.first[rows][row], axis=1)
+        wrong = values.astype(np.int64) != s.targets[channel]
+    misses = np.full(exists.shape, _NO_CANDIDATE)
+    misses[row, column] = np.count_nonzero(wrong & s.first[channel], axis=1)
     pick = np.argmin(misses, axis=1)
-    fewest = misses[np.arange(rows.size), pick]
-    better = np.any(exists, axis=1) & (~s.found[rows] | (fewest < s.missed[rows]))
-    keep, chosen = pick[better], rows[better]
-    s.k[chosen], s.bias[chosen], s.multiplier[chosen] = factor, b[better, keep], m[better, keep]
-    s.missed[chosen] = fewest[better]
-    s.worst[chosen] = np.abs(values[where[better, keep]].astype(np.int64) - targets[better]).max(axis=1)
-    s.found[chosen] = True
-    exact = better & (fewest == 0)
-    s.open[rows[exact]] = False
-    return exact
+    every = np.arange(rows.size)
+    fewest = misses[every, pick]
+    has = fewest != _NO_CANDIDATE
+    worst = np.zeros(rows.size, np.int64)
+    worst[has] = np.abs(values[where[has, pick[has]]].astype(np.int64) - s.targets[rows[has]]).max(axis=1)
+    return fewest, b[every, pick], m[every, pick], worst
 
 
 # ---- a whole unit ---------------------------------------------------------------------

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from qlower import requant
 from qlower.requant import (
     INT32_MAX,
+    ChannelChoice,
     accumulator_range,
     checkpoints,
     choose_channel,
@@ -251,3 +253,129 @@ def test_onnx_runtime_requantizes_as_modelled(kernel: str, level: ort.GraphOptim
     assert np.abs(bias).max() > 2**24 and (multiplier < 0).any()
     assert ((got > 0) & (got < 255)).mean() > 0.3  # mostly not saturated
     np.testing.assert_array_equal(got.astype(np.int64), expected)
+
+
+# ---- the batched search against the search written out one k, one candidate at a time ----
+
+
+def _per_factor_search(acc_low: int, acc_high: int, multiplier: float, offset: float, low: int, high: int,
+                       k_max: int) -> tuple[int, int, np.float32, int, int]:
+    """The search as choose_channel's docstring states it, for one channel, one ``k`` and one
+    candidate at a time: ``k`` from 1 while ``k * acc`` stays in int32, the nine biases in
+    order (a repeat skipped), each with the middle of the slopes it allows and its float32
+    neighbours; the first exact candidate wins, else the first of those missing fewest.
+    Returns ``(k, B, M', missed, worst)``."""
+    points = checkpoints(acc_low, acc_high, multiplier, offset, low, high)
+    targets = reference_output(points, multiplier, offset, low, high)
+    if multiplier == 0:
+        return 0, int(np.clip(np.rint(offset), low, high)), np.float32(1), 0, 0
+    if targets[0] == targets[-1]:
+        return 0, int(targets[0]), np.float32(1), 0, 0
+    below = np.where(targets == low, -np.inf, targets - 0.5)
+    above = np.where(targets == high, np.inf, targets + 0.5)
+    p = points.astype(np.float64)
+    m_true = np.float64(multiplier)
+    d_low, d_high = np.max(below - m_true * p), np.min(above - m_true * p)
+    sign = 1.0 if multiplier > 0 else -1.0
+    best: tuple[int, int, np.float32, int, int] | None = None
+    for k in range(1, max(k_max, 1) + 1):
+        if k * max(abs(acc_low), abs(acc_high)) > INT32_MAX:
+            break
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            one, two = k * d_low / m_true, k * d_high / m_true
+        first_end, last_end = min(one, two), max(one, two)
+        first = first_end if np.isfinite(first_end) else (last_end if np.isfinite(last_end) else 0.0)
+        last = last_end if np.isfinite(last_end) else (first_end if np.isfinite(first_end) else 0.0)
+        middle = (first + last) / 2
+        biases = [np.rint(middle), np.floor(middle), np.ceil(middle), np.floor(first) + 1, np.ceil(last) - 1,
+                  np.floor(first), np.ceil(last), np.floor(first) - 1, np.ceil(last) + 1]
+        tried: list[int] = []
+        for around in biases:
+            bias = int(min(max(around, float(-(2**31) - k * acc_low)), float(INT32_MAX - k * acc_high)))
+            if bias in tried:
+                continue
+            tried.append(bias)
+            c = p + np.float64(bias) / np.float64(k)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                low_bound, high_bound = np.minimum(below / c, above / c), np.maximum(below / c, above / c)
+            low_bound[c == 0], high_bound[c == 0] = -np.inf, np.inf
+            allowed = not np.any((c == 0) & ~((below < 0) & (above > 0)))
+            lowest = max(low_bound.max(), 0.0 if sign > 0 else -np.inf)
+            highest = min(high_bound.min(), 0.0 if sign < 0 else np.inf)
+            feasible = allowed and lowest < highest
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                if np.isfinite(lowest) and np.isfinite(highest):
+                    slope = (lowest + highest) / 2
+                elif lowest < m_true < highest:
+                    slope = m_true
+                else:
+                    slope = lowest * 2 if np.isfinite(lowest) else highest / 2
+                nearest = np.float32(slope / k if feasible else m_true / k)
+            multipliers = [nearest] + ([np.nextafter(nearest, np.float32(np.inf)),
+                                        np.nextafter(nearest, np.float32(-np.inf))] if feasible else [])
+            for m in multipliers:
+                if m == 0 or not np.isfinite(m) or np.sign(m) != sign:
+                    continue
+                with np.errstate(over="ignore"):
+                    got = ort_output(points, k, bias, m, low, high)
+                missed = int(np.count_nonzero(got != targets))
+                if best is None or missed < best[3]:
+                    best = (k, bias, m, missed, int(np.abs(got - targets).max()))
+                if missed == 0:
+                    return best
+    assert best is not None
+    return best
+
+
+def _assert_same_as_per_factor(acc_low: int, acc_high: int, multiplier: float, offset: float, low: int, high: int,
+                               k_max: int) -> ChannelChoice:
+    choice = choose_channel(acc_low, acc_high, multiplier, offset, low, high, k_max)
+    k, bias, chosen, missed, worst = _per_factor_search(acc_low, acc_high, multiplier, offset, low, high, k_max)
+    assert (choice.k, choice.bias, choice.missed, choice.worst) == (k, bias, missed, worst)
+    assert np.float32(choice.multiplier).tobytes() == np.float32(chosen).tobytes()
+    return choice
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(channels())
+def test_the_batched_search_chooses_what_the_per_factor_search_chooses(
+        channel: tuple[int, int, float, float, int, int, int]) -> None:
+    """choose_channel tries several k per numpy round; the choice must be the one trying each
+    k in turn, each candidate in turn, gives (smallest k, first exact; else fewest missed)."""
+    _assert_same_as_per_factor(*channel)
+
+
+@pytest.mark.parametrize("channel", [
+    (-1323, 1197, 4.20000666e-40, 0.5, 0, 15, 8),  # the offset absorbs M * acc: a flat T
+    (-1323, 1197, -1e-30, 0.5, 0, 15, 8),
+    (0, 3, 0.5, 0.5, 0, 255, 1),  # ties at every accumulator: no exact choice
+    (0, 3, 0.5, 0.5, 0, 255, 6),
+    (-40_000, 40_000, 3e-3, 2.0e5 * 3e-3, -128, 127, 127),  # k * acc + B past 2^24
+    (-(2**30), 2**30, 1e-7, 0.0, -128, 127, 10),  # int32 allows k = 1 only
+    (-2000, 2000, 0.0123, -7.3, 0, 15, 16),
+    (-2000, 2000, -0.0123, 7.3, -8, 7, 16),
+])
+def test_hard_channels_choose_what_the_per_factor_search_chooses(channel: tuple[int, int, float, float, int, int, int]) -> None:
+    _assert_same_as_per_factor(*channel)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.sampled_from(OUTPUT_RANGES), st.sampled_from([27, 27 * 8, 27 * 64]))
+def test_a_small_round_budget_chooses_the_same(seed: int, channels: int, output: tuple[int, int], budget: int) -> None:
+    """With rounds bounded to a few candidate points (fewer factors per round, the 24 later
+    candidates in several calls), every channel still gets its per-factor choice."""
+    rng = np.random.default_rng(seed)
+    weights = rng.integers(-8, 8, (channels, 6)) * rng.integers(0, 2, (channels, 1))
+    multiplier = rng.uniform(-0.3, 0.3, channels) * rng.choice([1.0, 0.0, 1e-4], channels)
+    offset = rng.uniform(-40, 40, channels)
+    low, high = output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requant, "_CANDIDATE_POINTS", budget)
+        unit = choose_unit(weights, 0, 15, multiplier, offset, low, high)
+    acc_low, acc_high = accumulator_range(weights, 0, 15)
+    for c in range(channels):
+        k_max = weight_factor_limit(weights[c], -128, 127) if np.any(weights[c]) else 1
+        k, bias, chosen, missed, worst = _per_factor_search(int(acc_low[c]), int(acc_high[c]), float(multiplier[c]),
+                                                            float(offset[c]), low, high, k_max)
+        assert (unit.k[c], unit.bias[c], unit.missed[c], unit.worst[c]) == (k, bias, missed, worst)
+        assert unit.multiplier[c].tobytes() == np.float32(chosen).tobytes()
