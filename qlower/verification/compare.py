@@ -316,13 +316,18 @@ class Tally:
 
 
 def add_taps(
-    tallies: Sequence[Tally], references: Sequence[np.ndarray], gots: Sequence[np.ndarray], steps: Sequence[Callable[[np.ndarray], np.ndarray]]
+    tallies: Sequence[Tally],
+    references: Sequence[np.ndarray],
+    gots: Sequence[np.ndarray],
+    steps: Sequence[Callable[[np.ndarray], np.ndarray]],
+    identical: bool | None = None,
 ) -> None:
     """``Tally.add(reference, got, step of the reference, grid=True)`` for each tap of one batch;
     in the common case (every tap bit-identical, see :func:`qlower.reference.all_identical`)
     that adds only the element counts, which is what each ``add`` would do then (equal NaNs
-    and zeros included: they add no difference)."""
-    if all_identical(references, gots):
+    and zeros included: they add no difference). ``identical``: ``all_identical(references,
+    gots)`` when the caller knows it already."""
+    if identical if identical is not None else all_identical(references, gots):
         for tally, reference in zip(tallies, references):
             tally.total += reference.size
         return

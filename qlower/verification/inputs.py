@@ -228,7 +228,7 @@ def _to_input_dtype(values: np.ndarray, elem_type: int) -> np.ndarray:
     return values.astype(dtype)
 
 
-def make_inputs(model: onnx.ModelProto, batches: int, seed: int) -> list[dict[str, np.ndarray]]:
+def make_inputs(model: onnx.ModelProto, batches: int, seed: int, index: GraphIndex | None = None) -> list[dict[str, np.ndarray]]:
     """``batches`` random feeds for the model's real inputs, deterministic for ``seed``.
 
     Shapes are the declared ones with symbolic or unknown dims set to 1. Values follow, in
@@ -236,9 +236,10 @@ def make_inputs(model: onnx.ModelProto, batches: int, seed: int) -> list[dict[st
     {-1, +1}, BINARY {0, 1}, TERNARY, INTn and UINTn their integers); the first quantizer
     the input reaches (uniform over its range plus two steps either side, a quarter exact
     rounding ties ``(k + 0.5 - zp) * s`` and a quarter grid points, mapped back through
-    scalar Add/Sub/Mul/Div on the way); otherwise standard normal.
+    scalar Add/Sub/Mul/Div on the way); otherwise standard normal. ``index``: the model's
+    :class:`GraphIndex`, when the caller has built it already.
     """
-    index = GraphIndex.of(model)
+    index = index or GraphIndex.of(model)
     annotations = _annotations(model.graph)
     plans: list[tuple[str, tuple[int, ...], int, _Draw | None]] = []
     for value in _real_inputs(model):

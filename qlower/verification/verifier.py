@@ -123,9 +123,9 @@ def verify(
             reference = ReferenceExecutor(normalize(original_model, wanted_opset))
         else:
             reference = ReferenceExecutor(original_model)
-        feeds_list = conform_inputs(original_model, inputs) if inputs is not None else make_inputs(original_model, batches, seed)
-        report = VerificationReport(target, tolerance_lsb, len(feeds_list), seed, runtime=runtime)
         index = GraphIndex.of(original_model)
+        feeds_list = conform_inputs(original_model, inputs) if inputs is not None else make_inputs(original_model, batches, seed, index)
+        report = VerificationReport(target, tolerance_lsb, len(feeds_list), seed, runtime=runtime)
         ranks = topological_ranks(index)
         units = {name: output_unit(index, name) for name in reference.output_names}
         points = plan_taps(index, ranks, input_dependent(index, list(reference.input_names)), lowered_model)
@@ -219,8 +219,11 @@ def verify(
                 read = [point for point in run.points if point.original in local and point.original in expected]
                 got = [got_taps[point.original] for point in read]
                 unit_steps = [point.unit.step for point in read]
-                add_taps([tallies[(point.original, level)] for point in read], [local[point.original] for point in read], got, unit_steps)  # type: ignore[misc]
-                add_taps([drifts[(point.original, level)] for point in read], [expected[point.original] for point in read], got, unit_steps)  # type: ignore[misc]
+                references = [expected[point.original] for point in read]
+                # Where the local reference is the plain run, both comparisons are the same one.
+                same = all_identical(references, got) if local is expected else None
+                add_taps([tallies[(point.original, level)] for point in read], [local[point.original] for point in read], got, unit_steps, same)  # type: ignore[misc]
+                add_taps([drifts[(point.original, level)] for point in read], references, got, unit_steps, same)  # type: ignore[misc]
             progress.advance()
 
     for run in opened:
