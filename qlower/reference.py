@@ -312,6 +312,8 @@ def all_identical(values: Sequence[np.ndarray], others: Sequence[np.ndarray]) ->
 
 # Arrays this large are compared on their own by all_identical.
 _JOINED_ELEMENTS = 1 << 16
+# What a numpy array costs besides its data (the object and its shape and strides).
+_ARRAY_HEADER_BYTES = 128
 
 
 def _evaluate_in_slices(op_type: str, inputs: Sequence[np.ndarray], attrs: Mapping[str, object]) -> np.ndarray | None:
@@ -459,6 +461,15 @@ class ReferenceExecutor:
     def input_names(self) -> tuple[str, ...]:
         """The real graph inputs (initializers listed as inputs excluded), in graph order."""
         return self._input_names
+
+    def trace_bytes(self, values: Mapping[str, np.ndarray]) -> int:
+        """About the memory a :meth:`trace` result holds beyond the model's constants: the
+        feeds and every value a step computed, each with its array header."""
+        return sum(
+            values[name].nbytes + _ARRAY_HEADER_BYTES
+            for name in (*self._input_names, *(out for step in self._steps for out in step.outputs))
+            if name in values
+        )
 
     @property
     def session_count(self) -> int:

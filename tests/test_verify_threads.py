@@ -4,6 +4,7 @@ run with every runner's work done in line gives, failures included, in the same 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -97,3 +98,38 @@ def test_an_error_in_the_reference_while_runners_open_is_raised(chain: tuple[Any
     original, lowered = chain
     with pytest.raises(QlowerError):
         qlower.verify(original, lowered, inputs=[{"not_an_input": np.zeros((1, 16), np.float32)}])
+
+
+def test_traces_made_while_runners_run_give_the_same_report(chain: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slow runners: the reference traces the later batches while it waits for each one's
+    # first batch; each batch is traced once, and the report is the one made without that.
+    original, lowered = chain
+    monkeypatch.setattr(verifier, "TRACE_AHEAD_BYTES", 0)
+    plain = _report(original, lowered, batches=5)
+    monkeypatch.undo()
+    real_run_batch = verifier.Opened.run_batch
+
+    def slow_run_batch(self: Any, outputs: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        time.sleep(0.05)
+        return real_run_batch(self, outputs, feeds)
+
+    traced: list[int] = []
+    real_trace = verifier.ReferenceExecutor.trace
+
+    def counted_trace(self: Any, feeds: dict[str, np.ndarray]) -> Any:
+        traced.append(id(feeds))
+        return real_trace(self, feeds)
+
+    held: list[int] = []
+    real_trace_ahead = verifier._trace_ahead
+
+    def watched_trace_ahead(*args: Any) -> None:
+        real_trace_ahead(*args)
+        held.append(len(args[3]))
+
+    monkeypatch.setattr(verifier.Opened, "run_batch", slow_run_batch)
+    monkeypatch.setattr(verifier.ReferenceExecutor, "trace", counted_trace)
+    monkeypatch.setattr(verifier, "_trace_ahead", watched_trace_ahead)
+    assert _report(original, lowered, batches=5) == plain
+    assert len(traced) == len(set(traced)) == 5
+    assert max(held) > 0

@@ -61,6 +61,8 @@ from .sessions import InLine, Lowered, Opened, open_runner, runner_thread, scrat
 from .units import Unit, output_unit, probe
 
 TARGETS = ("qcdq", "qop")
+# The reference's values the verifier may hold for batches it traced ahead (see _trace_ahead).
+TRACE_AHEAD_BYTES = 64 << 20
 
 
 @paused_cycle_collection
@@ -180,10 +182,12 @@ def verify(
 
         progress.stage(f"verifying on {len(feeds_list)} batches", total=len(feeds_list))
         running = submit_batch(0)
+        ahead: dict[int, tuple[dict[str, np.ndarray], int]] = {}  # traces (and their bytes) made while a runner ran
         for number, feeds in enumerate(feeds_list):
             # The runners run the next batch while this one is compared (one batch ahead at most).
             this_batch, running = running, submit_batch(number + 1) if number + 1 < len(feeds_list) else []
-            base = reference.trace(feeds)  # the probe and unit-local runs recompute only what they change
+            # the probe and unit-local runs recompute only what they change
+            base = ahead.pop(number)[0] if number in ahead else reference.trace(feeds)
             expected = {name: np.array(base[name]) for name in (*reference.output_names, *kept) if name in base}
             steps: dict[str, np.ndarray | None] = {}
             if probing:
@@ -197,6 +201,7 @@ def verify(
                 if run not in opened:  # it failed on an earlier batch
                     continue
                 level = run.runner.level
+                _trace_ahead(reference, feeds_list, number, ahead, future)
                 try:
                     ran = future.result()
                 except Exception as exc:  # each runtime raises its own exception types
@@ -229,6 +234,25 @@ def verify(
     for run in opened:
         _conclude(report, run, compared, units, tallies, drifts, exact[run.runner.level], ranks, index, lowered_model)
     return report
+
+
+def _trace_ahead(
+    reference: ReferenceExecutor,
+    feeds_list: Sequence[dict[str, np.ndarray]],
+    number: int,
+    ahead: dict[int, tuple[dict[str, np.ndarray], int]],
+    busy: Future[object],
+) -> None:
+    """While ``busy`` (a runner's run of batch ``number``) is not done, trace the batches after
+    ``number`` into ``ahead``, holding at most ``TRACE_AHEAD_BYTES`` of their values: the time
+    the reference would otherwise spend waiting (at the start, for ORT to open the lowered
+    model) shortens its work per batch later. Traces are deterministic, so when one is made
+    changes nothing in the report."""
+    following = number + 1 + len(ahead)
+    while not busy.done() and following < len(feeds_list) and sum(size for _, size in ahead.values()) < TRACE_AHEAD_BYTES:
+        values = reference.trace(feeds_list[following])
+        ahead[following] = (values, reference.trace_bytes(values))
+        following += 1
 
 
 def _local_reference(
