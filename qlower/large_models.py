@@ -22,8 +22,9 @@ writes it) and the arrays of those initializers:
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -98,6 +99,41 @@ def split(model: onnx.ModelProto, *, arrays: bool = True) -> tuple[onnx.ModelPro
     return skeleton, left_out
 
 
+def reuse_original(arrays: Mapping[str, np.ndarray], original: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``arrays`` (a lowered model's large initializers) with each one that holds the same
+    bytes as the memory-mapped initializer of that name in ``original`` replaced by that one's
+    memory map, the one the reference reads: a weight the lowering kept as it was (a float
+    weight stays float) is then resident once for both models' sessions, not once per file.
+
+    The bytes are compared a slice at a time, each slice's pages released once compared.
+    """
+    mapped = {tensor.name: tensor for tensor in original.graph.initializer if ir.is_mapped(tensor)}
+    reused = dict(arrays)
+    for name, ours in arrays.items():
+        if name not in mapped:
+            continue
+        theirs = ir.tensor_array(mapped[name])
+        if theirs.dtype == ours.dtype and theirs.shape == ours.shape and _same_bytes(ours, theirs):
+            reused[name] = theirs
+    return reused
+
+
+_COMPARED_BYTES = 1 << 26  # per slice: 64 MiB
+
+
+def _same_bytes(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """Whether two C-contiguous arrays of one type and shape hold the same bytes (NaN payloads included)."""
+    ours_bytes, theirs_bytes = ours.reshape(-1).view(np.uint8), theirs.reshape(-1).view(np.uint8)
+    for start in range(0, ours_bytes.size, _COMPARED_BYTES):
+        a, b = ours_bytes[start : start + _COMPARED_BYTES], theirs_bytes[start : start + _COMPARED_BYTES]
+        same = np.array_equal(a, b)
+        ir.release_pages(a)
+        ir.release_pages(b)
+        if not same:
+            return False
+    return True
+
+
 def _nbytes(tensor: onnx.TensorProto) -> int:
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
@@ -111,6 +147,18 @@ def check(model: onnx.ModelProto) -> None:
         path.write_bytes(skeleton.SerializeToString())
         (Path(folder) / DATA_LOCATION).touch()
         onnx.checker.check_model(str(path), full_check=True)
+
+
+@contextmanager
+def stub_folder() -> Iterator[str]:
+    """A folder holding an empty file named :data:`DATA_LOCATION`, for ORT to open a
+    skeleton whose large initializers it is given with ``SessionOptions.add_initializer``:
+    ORT checks that an external tensor's file exists when it loads a model from bytes
+    (looking in the folder that ``session.model_external_initializers_file_folder_path``
+    names), but reads no data for a tensor whose value it was given."""
+    with tempfile.TemporaryDirectory(prefix="qlower-stubs-") as folder:
+        (Path(folder) / DATA_LOCATION).touch()
+        yield folder
 
 
 def session_inputs(

@@ -16,6 +16,7 @@ would in the original model. Each group's session is built once, in ``__init__``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import os
@@ -101,14 +102,26 @@ def make_session(
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", f"{os.path.basename(saved_graph)}.data"
             )
-    # ORT copies each array into its own memory while the session is created: the values
-    # (views of the arrays) must live until then.
-    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
-    if values:
-        options.add_external_initializers(list(arrays), values)
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    for array in arrays.values():  # ORT holds its copy; a memory-mapped weight's pages can go
-        release_pages(array)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]  # views of the arrays
+    # ORT_DISABLE_ALL without prepacking runs no graph transformer and packs no weight, so
+    # nothing reads a weight but the kernels: the session reads the arrays themselves
+    # (``add_initializer``; the same bytes, so the same results) instead of a copy. Sessions
+    # given the same memory map then hold its pages once between them.
+    shared = bool(values) and not optimized
+    with large_models.stub_folder() if shared else contextlib.nullcontext() as folder:
+        if shared:
+            assert folder is not None
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            for name, value in zip(arrays, values):
+                options.add_initializer(name, value)
+        elif values:  # ORT copies each array into its own memory while the session is created
+            options.add_external_initializers(list(arrays), values)
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    if shared:
+        session.shared_initializers = values  # type: ignore[attr-defined]  # ORT reads them for the session's life
+    else:
+        for array in arrays.values():  # ORT holds its copy; a memory-mapped weight's pages can go
+            release_pages(array)
     return session
 
 

@@ -241,3 +241,39 @@ def test_ort_is_given_weights_as_external_initializers_whatever_the_model_size()
         split_session = reference.make_session(model, optimized=optimized)
         inline_session = reference.make_session(model.SerializeToString(), optimized=optimized)  # bytes: as given
         assert reference.identical(split_session.run(None, feeds)[0], inline_session.run(None, feeds)[0])
+
+
+def test_the_unoptimized_level_reads_the_callers_weights_and_the_optimized_level_a_copy() -> None:
+    # ORT_DISABLE_ALL (no graph transformer, no prepacking) is given the arrays themselves
+    # (add_initializer): no copy, so sessions given one memory map hold its pages once.
+    # ORT_ENABLE_ALL's transformers read the weights, so it is given a copy of its own.
+    model = qlower.convert(float_weights_beside_a_quantized_unit(), to="qcdq", verify_result=False).model
+    data, split_arrays = large_models.session_inputs(model)
+    arrays = {name: array.copy() for name, array in split_arrays.items()}  # writable
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
+    sessions = {optimized: reference.make_session(data, optimized=optimized, external=arrays) for optimized in (False, True)}
+    before = {optimized: session.run(None, feeds)[0] for optimized, session in sessions.items()}
+    inline = reference.make_session(model.SerializeToString(), optimized=False).run(None, feeds)[0]
+    assert reference.identical(before[False], inline)
+    arrays["w2"][...] = 0  # (changing a weight after the sessions are made shows which reads it)
+    assert not np.any(sessions[False].run(None, feeds)[0])
+    assert reference.identical(sessions[True].run(None, feeds)[0], before[True])
+
+
+def test_a_lowered_weight_with_the_originals_bytes_is_given_to_ort_as_the_originals_map(tmp_path: Path) -> None:
+    from qlower.verification.sessions import Lowered
+
+    original = float_weights_beside_a_quantized_unit(2)
+    _save_external(original, tmp_path / "m.onnx")
+    lowered = qlower.convert(tmp_path / "m.onnx", to="qcdq", verify_result=False).model
+    changed = next(t for t in lowered.graph.initializer if t.name == "w2")
+    changed.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(changed) * 2, "w2"))  # same shape, other bytes
+    _save_external(lowered, tmp_path / "m.qcdq.onnx")
+    loaded_original, loaded_lowered = ir.load_model(tmp_path / "m.onnx"), ir.load_model(tmp_path / "m.qcdq.onnx")
+    maps = {t.name: ir.tensor_array(t) for t in loaded_original.graph.initializer if ir.is_mapped(t)}
+    opening = Lowered.of(loaded_lowered, "onnxruntime", loaded_original)
+    assert opening.weights["w1"] is maps["w1"]  # kept as it was: the reference's own map
+    assert opening.weights["w2"] is not maps["w2"] and np.array_equal(opening.weights["w2"], numpy_helper.to_array(original.graph.initializer[5]) * 2)
+    assert all(np.array_equal(opening.weights[name], weight) for name, weight in Lowered.of(loaded_lowered, "onnxruntime").weights.items())
+    report = qlower.verify(tmp_path / "m.onnx", tmp_path / "m.qcdq.onnx")
+    assert not report.passed  # w2 doubled: the lowered model's own bytes are what ORT ran

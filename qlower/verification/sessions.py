@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import onnx
 
-from ..large_models import is_large, split
+from ..large_models import is_large, reuse_original, split
 from ..reference import first_line, identical
 from .internal import TapPoint
 from .kernels import KernelCount, count_kernels
@@ -109,10 +109,13 @@ class Lowered:
     weights: dict[str, np.ndarray]
 
     @staticmethod
-    def of(model: onnx.ModelProto, runtime: str) -> Lowered:
+    def of(model: onnx.ModelProto, runtime: str, original: onnx.ModelProto | None = None) -> Lowered:
+        """``original``: the model the reference runs; a weight of the same name and bytes
+        is given to ORT as the reference's memory map of it (:func:`reuse_original`)."""
         if runtime != "onnxruntime" or not any(is_large(tensor) for tensor in model.graph.initializer):
             return Lowered(model, model, {})  # (a skeleton would be a copy of the whole graph)
-        return Lowered(model, *split(model))
+        skeleton, weights = split(model)
+        return Lowered(model, skeleton, reuse_original(weights, original) if original is not None else weights)
 
     def open(self, runner: Runner, exposed: list[str], saved_graph: Path | None = None) -> Session:
         return runner.open(with_outputs(self.skeleton, exposed) if exposed else self.skeleton, saved_graph, self.weights)

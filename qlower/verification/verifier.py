@@ -112,7 +112,7 @@ def verify(
             if isinstance(runner, OrtRunner) and runner.level == OPTIMIZED
         }
         threads: dict[str, Executor] = {runner.level: runner_thread(stack) if isinstance(runner, OrtRunner) else InLine() for runner in runners}
-        opening = Lowered.of(lowered_model, runtime)
+        opening = Lowered.of(lowered_model, runtime, original_model)
         # An optimizing runner's deployed session needs no taps and takes longest to create
         # (ORT_ENABLE_ALL's graph transformers): it starts first.
         deployed = {
