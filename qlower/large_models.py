@@ -118,7 +118,7 @@ def reuse_original(arrays: Mapping[str, np.ndarray], original: onnx.ModelProto) 
     return reused
 
 
-_COMPARED_BYTES = 1 << 26  # per slice: 64 MiB
+_COMPARED_BYTES = 1 << 24  # per slice: 16 MiB
 
 
 def _same_bytes(ours: np.ndarray, theirs: np.ndarray) -> bool:

@@ -56,6 +56,7 @@ def make_session(
     saved_graph: str | os.PathLike | None = None,
     external: Mapping[str, np.ndarray] | None = None,
     already_optimized: bool = False,
+    prepacking: bool = True,
 ) -> ort.InferenceSession:
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
@@ -69,6 +70,8 @@ def make_session(
     ``already_optimized`` (with ``optimized``): ``model`` is such a saved graph; it is
     opened as deployed (threads, prepacking) but without running the graph transformers
     again, which is what makes a large model's ``ORT_ENABLE_ALL`` session slow to create.
+    ``prepacking`` False (with ``optimized``): weights are not prepacked, for a session made
+    only to save its optimized graph (ORT prepacks after it has saved the graph).
 
     The unoptimized level is the one held to bit-exactness, so it also turns off weight
     prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
@@ -88,6 +91,8 @@ def make_session(
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL if already_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         )
+        if not prepacking:
+            options.add_session_config_entry("session.disable_prepacking", "1")
     else:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -277,3 +277,80 @@ def test_a_lowered_weight_with_the_originals_bytes_is_given_to_ort_as_the_origin
     assert all(np.array_equal(opening.weights[name], weight) for name, weight in Lowered.of(loaded_lowered, "onnxruntime").weights.items())
     report = qlower.verify(tmp_path / "m.onnx", tmp_path / "m.qcdq.onnx")
     assert not report.passed  # w2 doubled: the lowered model's own bytes are what ORT ran
+
+
+def test_over_the_limit_one_optimized_session_is_alive_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Each ORT_ENABLE_ALL session holds the weights: the one that saves the optimized graph
+    # is closed before the deployed one opens, and the deployed one (its batches run) before
+    # the one with the taps exposed.
+    import gc
+    import weakref
+
+    monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT)
+    source, out = tmp_path / "large.onnx", tmp_path / "large.qcdq.onnx"
+    _save_external(float_weights_beside_a_quantized_unit(4), source)
+    qlower.convert(source, to="qcdq", output_path=out, verify_result=False)
+    alive: list[weakref.ref] = []  # type: ignore[type-arg]
+    opened = []
+    make_session = reference.make_session
+
+    def one_at_a_time(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+        if kwargs.get("optimized"):
+            gc.collect()
+            assert not [ref for ref in alive if ref() is not None], "an optimized session is still open"
+        session = make_session(model, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("optimized"):
+            alive.append(weakref.ref(session))
+            opened.append(kwargs.get("prepacking", True))
+        return session
+
+    monkeypatch.setattr("qlower.verification.runners.make_session", one_at_a_time)
+    report = qlower.verify(source, out)
+    assert report.passed, report.failures
+    assert opened == [False, True, True]  # saves the graph; deployed; taps exposed
+    assert report.kernels is not None and any(record.level == "ORT_ENABLE_ALL" for record in report.internal)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(output, "MAX_PROTOBUF_BYTES", 2**31 - 1)
+        patch.setattr("qlower.verification.runners.make_session", make_session)
+        inline = qlower.verify(source, out)
+    assert report.to_dict() == inline.to_dict()
+
+
+def test_the_graph_saved_without_prepacking_is_the_one_the_deployed_session_saves(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from qlower.verification.runners import OrtRunner
+    from qlower.verification.sessions import Lowered
+
+    monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT)
+    lowered = Lowered.of(qlower.convert(float_weights_beside_a_quantized_unit(5), to="qcdq", verify_result=False).model, "onnxruntime")
+    assert lowered.over_limit
+    runner = OrtRunner(True)
+    runner.save_optimized(lowered.skeleton, tmp_path / "saved.onnx", lowered.weights)
+    runner.open(lowered.skeleton, tmp_path / "deployed.onnx", lowered.weights)
+    assert (tmp_path / "saved.onnx.data").read_bytes() == (tmp_path / "deployed.onnx.data").read_bytes()
+    saved, deployed = (onnx.load(str(tmp_path / name), load_external_data=False) for name in ("saved.onnx", "deployed.onnx"))
+    for tensor in deployed.graph.initializer:  # (each names its own data file)
+        for entry in tensor.external_data:
+            entry.value = entry.value.replace("deployed.onnx", "saved.onnx")
+    assert saved.SerializeToString() == deployed.SerializeToString()
+
+
+def test_recorded_outputs_replay_in_batch_order_and_a_failed_batch_raises_at_its_turn() -> None:
+    from qlower.verification.runners import Session
+    from qlower.verification.sessions import Recorded
+
+    class Doubling(Session):
+        input_names, output_names = ["x"], ["y", "z"]
+
+        def run(self, names, feeds):  # type: ignore[no-untyped-def]
+            if feeds["x"][0] < 0:
+                raise RuntimeError("negative")
+            return [feeds["x"] * 2, feeds["x"] * 3]
+
+    batches = [{"x": np.array([value], np.float32), "unused": np.zeros(1)} for value in (1, 2, -1, 4)]
+    recorded = Recorded(Doubling(), batches)
+    assert recorded.run(["z"], {})[0][0] == 3 and recorded.run(["y", "z"], {})[1][0] == 6
+    with pytest.raises(RuntimeError, match="negative"):
+        recorded.run(["y"], {})

@@ -121,6 +121,11 @@ class OrtRunner(Runner):
     ) -> Session:
         return _OrtSession(make_session(model, optimized=self.optimizes, saved_graph=saved_graph, external=external))
 
+    def save_optimized(self, model: onnx.ModelProto, saved_graph: Path, external: Mapping[str, np.ndarray] | None = None) -> None:
+        """Write the graph :meth:`open` would write to ``saved_graph``, from a session closed
+        at once (one that does not prepack its weights: ORT prepacks after saving the graph)."""
+        make_session(model, optimized=self.optimizes, saved_graph=saved_graph, external=external, prepacking=False)
+
     def reopen(self, saved: onnx.ModelProto) -> Session:
         """Open the graph this runner saved (``open``'s ``saved_graph``) as it runs, without
         optimizing it again."""

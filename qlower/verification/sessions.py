@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
 
+from .. import output
 from ..large_models import is_large, reuse_original, split
 from ..reference import first_line, identical
 from .internal import TapPoint
@@ -120,13 +122,65 @@ class Lowered:
     def open(self, runner: Runner, exposed: list[str], saved_graph: Path | None = None) -> Session:
         return runner.open(with_outputs(self.skeleton, exposed) if exposed else self.skeleton, saved_graph, self.weights)
 
+    @property
+    def over_limit(self) -> bool:
+        """Whether the model is over protobuf's limit (ORT saves its optimized graph with external data)."""
+        return bool(self.weights) and self.skeleton.ByteSize() + sum(array.nbytes for array in self.weights.values()) > output.MAX_PROTOBUF_BYTES
+
+
+@dataclass
+class Deployed:
+    """The session an optimizing runner opens first, as deployed; :func:`open_runner` takes
+    it from here, so that the future that made it does not keep it alive."""
+
+    session: Session | None
+
+
+def open_deployed(runner: Runner, lowered: Lowered, saved_graph: Path | None) -> Deployed:
+    """Open ``lowered`` as deployed, its optimized graph written to ``saved_graph``.
+
+    Over protobuf's limit, an ORT session that saves its optimized graph (to external data)
+    and prepacks keeps a second copy of the weights for its life (measured, ORT 1.32: 2x the
+    weights, 1x without saving or without prepacking), so there the graph is saved by a
+    session that does not prepack, closed at once, and the deployed session saves nothing.
+    """
+    if saved_graph is not None and isinstance(runner, OrtRunner) and lowered.over_limit:
+        runner.save_optimized(lowered.skeleton, saved_graph, lowered.weights)
+        saved_graph = None
+    return Deployed(lowered.open(runner, [], saved_graph))
+
+
+class Recorded(Session):
+    """A session's graph outputs for every batch, run when this is made, then replayed one
+    batch per :meth:`run` in batch order (the session itself can then be closed). A batch
+    that raised raises again when its turn comes."""
+
+    def __init__(self, session: Session, feeds_list: list[dict[str, np.ndarray]]) -> None:
+        self.input_names, self.output_names = session.input_names, session.output_names
+        self._batches: deque[list[np.ndarray]] = deque()
+        self._error: Exception | None = None
+        for feeds in feeds_list:
+            try:
+                self._batches.append(session.run(self.output_names, {name: feeds[name] for name in self.input_names}))
+            except Exception as exc:  # each runtime raises its own exception types; raised at its batch
+                self._error = exc
+                break
+
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if not self._batches:
+            assert self._error is not None, "more batches run than recorded"
+            raise self._error
+        outputs = dict(zip(self.output_names, self._batches.popleft()))
+        return [outputs[name] for name in names]
+
 
 def open_runner(
     runner: Runner,
     lowered: Lowered,
     points: list[TapPoint],
-    deployed: Future[Session] | None,
+    deployed: Future[Deployed] | None,
     saved_graph: Path | None,
+    feeds_list: list[dict[str, np.ndarray]],
 ) -> Opened:
     """Open ``lowered`` in ``runner``; raises what the runtime raises when it cannot load it.
 
@@ -138,7 +192,10 @@ def open_runner(
     again, with the taps as extra outputs, when it still holds every tap (the integers, or
     the DequantizeLinear output they decode to); it runs what the deployed session runs,
     which :class:`Opened` checks on the graph outputs of every batch. Otherwise the lowered
-    model is opened a second time with the taps exposed, and optimized again.
+    model is opened a second time with the taps exposed, and optimized again. For a model
+    over protobuf's limit the deployed session first runs every batch of ``feeds_list``
+    (:class:`Recorded`) and is closed before that second session opens: two sessions would
+    hold the weights twice.
     """
     if not runner.reads_integer_taps:
         points = [point.reading_float() for point in points]
@@ -146,12 +203,17 @@ def open_runner(
     if deployed is None:
         session = lowered.open(runner, exposed, saved_graph)
         return Opened(runner, session, session, points)
-    opened = Opened(runner, deployed.result(), deployed.result(), [])
+    holder = deployed.result()
+    assert holder.session is not None
+    opened = Opened(runner, holder.session, holder.session, [])
+    holder.session = None
     saved = None
     if saved_graph is not None:
         saved, opened.kernels = _read_saved_graph(saved_graph, opened.notes)
     if not exposed:
         return opened
+    if lowered.over_limit:
+        opened.deployed = opened.tapped = Recorded(opened.deployed, feeds_list)  # the session closes here
 
     # What a fallback needs (not the model as read, nor ``opened``: no reference cycle keeps a session alive).
     skeleton, weights, deployed_session = lowered.skeleton, lowered.weights, opened.deployed

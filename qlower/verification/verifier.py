@@ -57,7 +57,7 @@ from .graph import GraphIndex, input_dependent, topological_ranks
 from .inputs import conform_inputs, make_inputs
 from .internal import GRAPH_INPUT_RULE, TapPoint, lowered_values, plan_taps
 from .runners import OPTIMIZED, OrtRunner, Runner, runners_for
-from .sessions import InLine, Lowered, Opened, open_runner, runner_thread, scratch_file
+from .sessions import InLine, Lowered, Opened, open_deployed, open_runner, runner_thread, scratch_file
 from .units import Unit, output_unit, probe
 
 TARGETS = ("qcdq", "qop")
@@ -116,7 +116,7 @@ def verify(
         # An optimizing runner's deployed session needs no taps and takes longest to create
         # (ORT_ENABLE_ALL's graph transformers): it starts first.
         deployed = {
-            runner.level: threads[runner.level].submit(opening.open, runner, [], saved_graphs.get(runner.level))
+            runner.level: threads[runner.level].submit(open_deployed, runner, opening, saved_graphs.get(runner.level))
             for runner in runners
             if runner.optimizes
         }
@@ -133,7 +133,7 @@ def verify(
         points = plan_taps(index, ranks, input_dependent(index, list(reference.input_names)), lowered_model)
         finishing = [
             threads[runner.level].submit(
-                open_runner, runner, opening, points, deployed.get(runner.level), saved_graphs.get(runner.level)
+                open_runner, runner, opening, points, deployed.get(runner.level), saved_graphs.get(runner.level), feeds_list
             )
             for runner in runners
         ]
