@@ -5,8 +5,10 @@ for where taps are read at ORT_ENABLE_ALL: ORT's own saved optimized graph, reop
 is). Each ORT runner opens and runs its sessions on a thread of its own
 (:func:`runner_thread`; ORT releases the GIL while it creates or runs a session);
 OpenVINO's runners work in line (:class:`InLine`). ORT is given the lowered weights as
-external initializers (:class:`Lowered`; one copy each session, see
-:mod:`qlower.large_models`).
+arrays (:class:`Lowered`, see :mod:`qlower.large_models`): ``ORT_DISABLE_ALL`` reads them
+(memory maps of the data file, the reference's own where the bytes are the original's),
+``ORT_ENABLE_ALL`` copies them; over protobuf's limit those copies exist one at a time
+(:func:`open_deployed`, :func:`open_runner`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -122,7 +125,7 @@ class Lowered:
     def open(self, runner: Runner, exposed: list[str], saved_graph: Path | None = None) -> Session:
         return runner.open(with_outputs(self.skeleton, exposed) if exposed else self.skeleton, saved_graph, self.weights)
 
-    @property
+    @cached_property
     def over_limit(self) -> bool:
         """Whether the model is over protobuf's limit (ORT saves its optimized graph with external data)."""
         return bool(self.weights) and self.skeleton.ByteSize() + sum(array.nbytes for array in self.weights.values()) > output.MAX_PROTOBUF_BYTES

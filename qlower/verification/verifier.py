@@ -21,8 +21,8 @@ work in line, see :mod:`qlower.verification.sessions`): the optimizing
 runner's deployed session, the slowest to create, starts before the reference is built, and
 the runners run batch n + 1 while batch n is compared. Only the caller's thread writes the
 report, in runner and batch order, so it is the same whatever the threads' timing. ORT is
-given the lowered weights as external initializers (one copy each session, see
-:mod:`qlower.large_models`).
+given the lowered weights as arrays (see :mod:`qlower.verification.sessions` for which
+sessions copy them).
 """
 
 from __future__ import annotations
