@@ -404,7 +404,15 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, keeping the template's IR version, metadata and non-default opsets."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    # (weights are mapped only where the template's initializers are)
+    referenced = _refer_to_mapped_files(graph) if any(is_mapped(init) for init in template.graph.initializer) else []
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in referenced:
+            tensor.values = values
+    if referenced:
+        _read_mapped_initializers(model)
     # The model holds the values now: a mapped weight's pages can go (weights are mapped
     # only where the template's initializers are).
     for tensor in graph.tensors().values() if any(is_mapped(init) for init in template.graph.initializer) else ():
@@ -417,6 +425,47 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     return model
+
+
+def _refer_to_mapped_files(graph: gs.Graph) -> list[tuple[gs.Constant, np.memmap]]:
+    """Make each constant whose values are still a whole memory map of a weight (as
+    :func:`to_graph` read it) a reference to its file, for :func:`_read_mapped_initializers`
+    to read into the exported model; the constants and the memory maps they held.
+
+    The exporter would copy every weight twice at once (its list of tensors, then the
+    graph's copies of them) beside the pages of the files it read them from: read one at a
+    time into the model instead, each weight's pages given back once copied, exporting holds
+    the weights once and one weight more.
+    """
+    referenced = []
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        # (a view of a map, e.g. a slice, is not the whole map: its base is the map, not the mmap)
+        if not (isinstance(values, np.memmap) and isinstance(values.base, mmap.mmap) and values.filename):
+            continue
+        if tensor.export_dtype != tensor.dtype or tensor.data_location is not None:
+            continue
+        reference = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+        reference.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", values.filename), ("offset", str(values.offset)), ("length", str(values.nbytes)), (_MAPPED_KEY, "1")):
+            entry = reference.external_data.add()
+            entry.key, entry.value = key, value
+        tensor._values = gs.ir.tensor.LazyValues(reference)
+        referenced.append((tensor, values))
+    return referenced
+
+
+def _read_mapped_initializers(model: onnx.ModelProto) -> None:
+    """Read each initializer :func:`_refer_to_mapped_files` left in its file into the model
+    (as the exporter writes a constant: its bytes as raw data), giving back its pages."""
+    for tensor in model.graph.initializer:
+        if not is_mapped(tensor):
+            continue
+        values = tensor_array(tensor)
+        tensor.raw_data = values.tobytes()
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+        release_pages(values)
 
 
 def _fill_missing_output_shapes(model: onnx.ModelProto) -> None:

@@ -354,3 +354,34 @@ def test_recorded_outputs_replay_in_batch_order_and_a_failed_batch_raises_at_its
     assert recorded.run(["z"], {})[0][0] == 3 and recorded.run(["y", "z"], {})[1][0] == 6
     with pytest.raises(RuntimeError, match="negative"):
         recorded.run(["y"], {})
+
+
+def test_mapped_weights_are_exported_one_at_a_time_with_the_bytes_the_exporter_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # to_model exports a weight that is still its whole memory map as a reference to its
+    # file and reads it into the model afterwards; the model is the exporter's, byte for byte.
+    import onnx_graphsurgeon as gs
+
+    _save_external(float_weights_beside_a_quantized_unit(6), tmp_path / "m.onnx")
+    loaded = ir.load_model(tmp_path / "m.onnx")
+    graph = ir.to_graph(loaded)
+    constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
+    maps = {name: tensor.values for name, tensor in constants.items() if isinstance(tensor.values, np.memmap)}
+    assert {"w1", "w2"} <= maps.keys()
+    constants["w2"].values = maps["w2"][:, :]  # a view of the map (as a pass might leave it): exported by value
+    export = gs.export_onnx
+    referenced: set[str] = set()
+
+    def recording(graph: gs.Graph, **kwargs: object) -> onnx.ModelProto:
+        referenced.update(n for n, t in constants.items() if isinstance(t._values, gs.ir.tensor.LazyValues))
+        return export(graph, **kwargs)
+
+    monkeypatch.setattr(ir.gs, "export_onnx", recording)
+    exported = ir.to_model(graph, loaded)
+    monkeypatch.setattr(ir.gs, "export_onnx", export)
+    assert referenced == maps.keys() - {"w2"}
+    assert all(constants[name].values is values for name, values in maps.items() if name != "w2")  # the graph is as it was
+    by_value = gs.export_onnx(graph, do_type_check=False)  # the exporter's own model (every weight by value)
+    assert exported.graph.SerializeToString() == by_value.graph.SerializeToString()
+    assert not any(ir.is_mapped(tensor) or tensor.external_data for tensor in exported.graph.initializer)
