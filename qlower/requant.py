@@ -340,6 +340,9 @@ def _choose_block(acc_low: np.ndarray, acc_high: np.ndarray, multiplier: np.ndar
         start += count
     if np.any(~zero & ~constant & ~search.found):  # even k = 1 overflows int32: no integer unit can hold this channel
         raise OverflowError("the accumulator range does not fit int32")
+    inexact = np.flatnonzero(search.missed)  # an exact choice is off by 0 everywhere
+    values = _misses(search, inexact, search.k[inexact], search.bias[inexact], search.multiplier[inexact])[1]
+    search.worst[inexact] = np.abs(values.astype(np.int64) - targets[inexact]).max(axis=1, initial=0)
     return search.k, search.bias, search.multiplier, search.missed, checked, search.worst
 
 
@@ -354,7 +357,7 @@ def _search_factors(search: _Search, pair_row: np.ndarray, pair_k: np.ndarray) -
     pair tries those first, and only a pair with no exact one at its ``k`` or a smaller one
     tries the other 24 (a pair past the row's first exact ``k`` cannot be chosen)."""
     s = search
-    fewest, bias, multiplier, worst = _try_pairs(s, pair_row, pair_k, biases=1, first_bias=0)
+    fewest, bias, multiplier = _try_pairs(s, pair_row, pair_k, biases=1, first_bias=0)
     row_starts = np.concatenate([[True], pair_row[1:] != pair_row[:-1]])
     starts, group = np.flatnonzero(row_starts), np.cumsum(row_starts) - 1  # group: each pair's row, from 0
     exact_so_far = np.cumsum(fewest == 0)
@@ -365,7 +368,7 @@ def _search_factors(search: _Search, pair_row: np.ndarray, pair_k: np.ndarray) -
         pairs = open_pairs[at:at + per_round]
         rest = _try_pairs(s, pair_row[pairs], pair_k[pairs], biases=9, first_bias=1)
         fewer = rest[0] < fewest[pairs]  # a tie keeps the earlier candidate, of the first bias
-        for column, found in zip((fewest, bias, multiplier, worst), rest):
+        for column, found in zip((fewest, bias, multiplier), rest):
             column[pairs[fewer]] = found[fewer]
     row_fewest = np.minimum.reduceat(fewest, starts)
     at_fewest = np.flatnonzero(fewest == row_fewest[group])
@@ -374,45 +377,58 @@ def _search_factors(search: _Search, pair_row: np.ndarray, pair_k: np.ndarray) -
     better = (fewest != _NO_CANDIDATE) & (~s.found[rows] | (fewest < s.missed[rows]))
     chosen, pick = rows[better], pick[better]
     s.k[chosen], s.bias[chosen], s.multiplier[chosen] = pair_k[pick], bias[pick], multiplier[pick]
-    s.missed[chosen], s.worst[chosen] = fewest[better], worst[pick]
+    s.missed[chosen] = fewest[better]
     s.found[chosen] = True
     s.open[chosen[fewest[better] == 0]] = False
 
 
 def _try_pairs(search: _Search, rows: np.ndarray, factors: np.ndarray, biases: int,
-               first_bias: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               first_bias: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Try each row's factor with the candidates of biases ``first_bias`` to ``biases - 1``
     (rows may repeat, with different factors). Returns per pair the first candidate missing
-    fewest: ``(fewest, B, M', worst)``, ``fewest`` being :data:`_NO_CANDIDATE` where the pair
-    has no candidate."""
+    fewest: ``(fewest, B, M')``, ``fewest`` being :data:`_NO_CANDIDATE` where the pair has no
+    candidate."""
     s = search
-    exists, b, m = _candidates(s, rows, factors, (INT32_MIN - factors * s.acc_low[rows]).astype(np.float64),
-                               (INT32_MAX - factors * s.acc_high[rows]).astype(np.float64), biases, first_bias)
-    # Each row's points hold both ends of its range, where k * acc + B is lowest and highest.
-    k = factors[:, None]
-    if np.any(exists & ((k * s.acc_low[rows, None] + b < INT32_MIN) | (k * s.acc_high[rows, None] + b > INT32_MAX))):
+    # k * acc + B inside int32 at both ends of the range (where it is lowest and highest):
+    # the biases are clipped into this window, which is never empty for a k the search tries
+    # (k * max |acc| <= INT32_MAX makes its width k * (acc_high - acc_low) <= 2^32 - 2).
+    int32_low, int32_high = INT32_MIN - factors * s.acc_low[rows], INT32_MAX - factors * s.acc_high[rows]
+    if np.any(int32_low > int32_high):
         raise OverflowError("k * acc + B leaves int32")
-    # Only the candidates that exist (a sixth of the columns), one per row of these arrays.
-    row, column = np.nonzero(exists)
-    where = np.full(exists.shape, -1)
-    where[row, column] = np.arange(row.size)
-    channel = rows[row]
-    totals = factors[row, None] * s.points[channel] + b[row, column][:, None]
+    exists, b, m = _candidates(s, rows, factors, int32_low.astype(np.float64), int32_high.astype(np.float64), biases,
+                               first_bias)
+    # The pairs' first candidates, then the others of pairs whose first is not exact (most
+    # pairs with an exact candidate have it first): a pair keeps its first candidate
+    # missing fewest either way.
+    misses = np.full(exists.shape, _NO_CANDIDATE)
+    for stage in range(2):
+        if stage == 0:
+            row = np.flatnonzero(exists[:, 0])
+            column = np.zeros(row.size, np.int64)
+        else:  # only the candidates that exist (a sixth of the columns), one per row of these arrays
+            later = exists.copy()
+            later[:, 0] = False
+            later[misses[:, 0] == 0] = False
+            row, column = np.nonzero(later)
+        misses[row, column] = _misses(s, rows[row], factors[row], b[row, column], m[row, column])[0]
+    pick = np.argmin(misses, axis=1)
+    every = np.arange(rows.size)
+    return misses[every, pick], b[every, pick], m[every, pick]
+
+
+def _misses(search: _Search, channel: np.ndarray, k: np.ndarray, bias: np.ndarray,
+            multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate (a channel of the block, its ``k``, ``B`` and ``M'``): how many checked
+    accumulators ORT's ``F`` gets wrong, and ``F`` at the channel's points (as float)."""
+    s = search
+    totals = k[:, None] * s.points[channel] + bias[:, None]
     with np.errstate(over="ignore"):
-        values = np.clip(np.rint(totals.astype(F32) * m[row, column][:, None]), s.low, s.high)  # F before its int64 cast
+        values = np.clip(np.rint(totals.astype(F32) * multiplier[:, None]), s.low, s.high)  # F before its int64 cast
     if s.targets_float32 is not None:
         wrong = values != s.targets_float32[channel]
     else:
         wrong = values.astype(np.int64) != s.targets[channel]
-    misses = np.full(exists.shape, _NO_CANDIDATE)
-    misses[row, column] = np.count_nonzero(wrong & s.first[channel], axis=1)
-    pick = np.argmin(misses, axis=1)
-    every = np.arange(rows.size)
-    fewest = misses[every, pick]
-    has = fewest != _NO_CANDIDATE
-    worst = np.zeros(rows.size, np.int64)
-    worst[has] = np.abs(values[where[has, pick[has]]].astype(np.int64) - s.targets[rows[has]]).max(axis=1)
-    return fewest, b[every, pick], m[every, pick], worst
+    return np.count_nonzero(wrong & s.first[channel], axis=1), values
 
 
 # ---- a whole unit ---------------------------------------------------------------------
@@ -422,9 +438,8 @@ def accumulator_range(weights: np.ndarray, x_low: int, x_high: int) -> tuple[np.
     """Per channel (rows of ``weights`` [C, K], already ``w - zw``) the accumulator bounds
     when every ``x - zx`` lies in ``[x_low, x_high]`` (widened to hold 0, the padding value)."""
     x_low, x_high = min(int(x_low), 0), max(int(x_high), 0)
-    w = weights.astype(np.int64)
-    total, magnitude = w.sum(axis=1), np.abs(w).sum(axis=1)
-    positive = (total + magnitude) // 2  # the sum of the positive weights, exactly
+    w = np.asarray(weights, np.int64)
+    total, positive = w.sum(axis=1), np.maximum(w, 0).sum(axis=1)
     negative = total - positive
     return positive * x_low + negative * x_high, positive * x_high + negative * x_low
 
@@ -460,7 +475,7 @@ def weight_factor_limit(weights: np.ndarray, low: int, high: int) -> int:
 
 def _weight_factor_limits(weights: np.ndarray, low: int, high: int) -> np.ndarray:
     """:func:`weight_factor_limit` of each row of ``weights`` [C, K]."""
-    w = weights.astype(np.int64)
+    w = np.asarray(weights, np.int64)
     largest, smallest = w.max(axis=1), w.min(axis=1)
     unbounded = np.iinfo(np.int64).max
     by_high = np.where(largest > 0, high // np.maximum(largest, 1), unbounded)
@@ -477,8 +492,8 @@ def choose_unit(weights: np.ndarray, x_low: int, x_high: int, multiplier: np.nda
     weights exceed them keeps ``k = 1`` and the caller stores a wider container.
     """
     acc_low, acc_high = accumulator_range(weights, x_low, x_high)
-    # A channel of zero weights has acc always 0: any k, the constant comes from B.
-    k_max = np.where(np.any(weights, axis=1), _weight_factor_limits(weights, weight_low, weight_high), 1)
+    # A channel of zero weights has acc always 0: any k, the constant comes from B; its limit is 1.
+    k_max = _weight_factor_limits(weights, weight_low, weight_high)
     k, bias, chosen, missed, checked, worst = _choose_rows(
         acc_low, acc_high, np.asarray(multiplier, np.float64).reshape(-1), np.asarray(offset, np.float64).reshape(-1),
         low, high, k_max)
