@@ -27,6 +27,7 @@ bit-identical, ties included, where other taps get the tolerance.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -71,6 +72,14 @@ class TapPoint:
     def reading_float(self) -> "TapPoint":
         """This tap read from the DequantizeLinear's float output instead of its integers."""
         return replace(self, exposed=self.original, snapped=True) if self.dequantized else self
+
+    @cached_property
+    def single_parameters(self) -> tuple[float, int] | None:
+        """The tap's one scale and zero point when it decodes integers with one of each (such
+        taps are decoded together by :func:`lowered_values`); None otherwise."""
+        if self.tap is None or self.snapped or len(self.tap.scale) != 1:
+            return None
+        return self.tap.scale[0], self.tap.zero_point[0]
 
     def lowered_value(self, raw: np.ndarray) -> np.ndarray:
         if self.tap is None:
@@ -146,18 +155,20 @@ def lowered_values(points: Sequence[TapPoint], raws: Sequence[np.ndarray]) -> di
     operations, element by element, as :meth:`qlower.taps.Tap.dequantize` does per tap."""
     values: dict[str, np.ndarray] = {}
     together: list[tuple[TapPoint, np.ndarray]] = []
+    parameters: list[tuple[float, int]] = []
     for point, raw in zip(points, raws):
-        tap = point.tap
-        if tap is not None and not point.snapped and len(tap.scale) == 1 and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 4:
+        single = point.single_parameters
+        if single is not None and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 4:
             together.append((point, raw))
+            parameters.append(single)
         else:
             values[point.original] = point.lowered_value(raw)
     if not together:
         return values
     sizes = [raw.size for _, raw in together]
     integers = np.concatenate([raw for _, raw in together], axis=None).astype(np.int64)  # each flattened
-    zero_points = np.repeat(np.array([point.tap.zero_point[0] for point, _ in together], np.int64), sizes)  # type: ignore[union-attr]
-    scales = np.repeat(np.array([point.tap.scale[0] for point, _ in together], np.float32), sizes)  # type: ignore[union-attr]
+    zero_points = np.repeat(np.array([zero_point for _, zero_point in parameters], np.int64), sizes)
+    scales = np.repeat(np.array([scale for scale, _ in parameters], np.float32), sizes)
     decoded = (integers - zero_points).astype(np.float32) * scales
     offset = 0
     for (point, raw), size in zip(together, sizes):
