@@ -457,7 +457,7 @@ class UnitChoice:
 
     def scaled_weights(self, weights: np.ndarray) -> np.ndarray:
         """``k[c] * w[c]`` for weights [C, ...] (``w - zw``), as int64."""
-        return weights.astype(np.int64) * self.k.reshape((-1,) + (1,) * (weights.ndim - 1))
+        return np.asarray(weights, np.int64) * self.k.reshape((-1,) + (1,) * (weights.ndim - 1))
 
     def describe(self) -> str | None:
         """A report line for channels that are not exact, else None."""

@@ -215,7 +215,8 @@ def centred_weights(weight: IntegerWeight) -> np.ndarray:
         shape = [1] * weight.values.ndim
         shape[weight.axis] = -1
         zero_point = zero_point.reshape(shape)
-    return weight.values.astype(np.int64) - zero_point
+    # One pass: each value cast to int64 as astype casts it, then the zero point subtracted.
+    return np.subtract(weight.values, zero_point, dtype=np.int64, casting="unsafe")
 
 
 # The float reference computes a unit's real value with a few float32 roundings (the
@@ -280,10 +281,11 @@ def exact_weights(weight: IntegerWeight, output_axis: int, x_range: tuple[int, i
     centred = centred_weights(weight)
     rows = np.moveaxis(centred, output_axis, 0)
     flat = rows.reshape(rows.shape[0], -1)
-    largest = int(np.abs(flat).max(initial=0))
-    fits_int8 = int(flat.min(initial=0)) >= -128 and int(flat.max(initial=0)) <= 127
+    smallest, biggest = int(flat.min(initial=0)), int(flat.max(initial=0))
+    largest = max(-smallest, biggest)
+    fits_int8 = smallest >= -128 and biggest <= 127
     if not fits_int8:  # uint8 weights spanning more than int8: keep them, k = 1
-        bounds = (int(flat.min(initial=0)), int(flat.max(initial=0)))
+        bounds = (smallest, biggest)
     elif x86_without_vnni and largest <= U8S8_SAFE_MAGNITUDE:
         bounds = (-U8S8_SAFE_MAGNITUDE, U8S8_SAFE_MAGNITUDE)
     else:
