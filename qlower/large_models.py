@@ -35,6 +35,17 @@ from . import ir, output
 
 # Where the skeleton's external tensors say their bytes are (never read: see the docstring).
 DATA_LOCATION = "weights.data"
+# Large initializers adding up to this many bytes or more are verified the way a model over
+# protobuf's limit is, even below it: each copy of the weights a session or a serialised
+# graph makes is then the memory that matters, not the time a session takes to create
+# (tests lower it; no zoo or fixture model comes near it).
+MEMORY_BOUND_BYTES = 1 << 26
+
+
+def memory_bound(model_bytes: int, weight_bytes: int) -> bool:
+    """Whether a model of ``model_bytes`` (its skeleton) and ``weight_bytes`` of large
+    initializers is over protobuf's limit or has :data:`MEMORY_BOUND_BYTES` of weights."""
+    return weight_bytes >= MEMORY_BOUND_BYTES or model_bytes + weight_bytes > output.MAX_PROTOBUF_BYTES
 
 
 def fits_inline(model: onnx.ModelProto) -> bool:

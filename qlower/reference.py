@@ -61,8 +61,8 @@ def make_session(
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
     ``saved_graph``: where ORT writes the graph it runs after its optimizations (the
-    verifier counts integer kernels in it); the initializers of a model over protobuf's
-    limit go to ``<saved_graph>.data`` beside it.
+    verifier counts integer kernels in it); the initializers of a model with large weights
+    (:func:`qlower.large_models.memory_bound`) go to ``<saved_graph>.data`` beside it.
     ``external``: the arrays of tensors ``model`` (bytes of a skeleton) holds as external
     data. A ModelProto with weights is split into such a skeleton and arrays
     (:mod:`qlower.large_models`): ORT never needs a model over protobuf's limit serialised
@@ -101,9 +101,10 @@ def make_session(
     data, arrays = large_models.session_inputs(model, external)
     if saved_graph is not None:
         options.optimized_model_filepath = os.fspath(saved_graph)
-        # Only a graph over protobuf's limit is saved with external data: the verifier reads
-        # the taps from a saved graph whose weights it holds (inline).
-        if len(data) + sum(array.nbytes for array in arrays.values()) > output.MAX_PROTOBUF_BYTES:
+        # Only a graph with large weights (over protobuf's limit, or memory bound below it) is
+        # saved with external data: ORT builds and serialises an inline graph whole, twice the
+        # weights more; the verifier reads the taps from a saved graph whose weights it holds.
+        if large_models.memory_bound(len(data), sum(array.nbytes for array in arrays.values())):
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", f"{os.path.basename(saved_graph)}.data"
             )
@@ -438,6 +439,7 @@ class ReferenceExecutor:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self._constants = constant_values(graph)
+        self._memory_bound = large_models.memory_bound(0, sum(value.nbytes for value in self._constants.values()))
         self._input_names = tuple(value.name for value in graph.input if value.name not in self._constants)
         self._output_names = tuple(value.name for value in graph.output)
         value_types: dict[str, int] = {}
@@ -671,11 +673,14 @@ class ReferenceExecutor:
         return plan
 
     def _external_constants(self, names: list[str]) -> dict[str, np.ndarray]:
-        """The constants among ``names`` to hand ORT as arrays: none while they add up to less
-        than half protobuf's limit (the rest of a group model is small), else every one of a
-        plain numeric type and ``output.EXTERNAL_MIN_BYTES`` or more."""
+        """The constants among ``names`` to hand ORT as arrays: every one of a plain numeric
+        type and ``output.EXTERNAL_MIN_BYTES`` or more where the model's constants are
+        memory bound (:func:`qlower.large_models.memory_bound`: the session then reads the
+        array itself, a memory map of the original's data file, instead of holding the bytes
+        of a group model and its own copy of them) or where they would take the group model
+        past half protobuf's limit; else none."""
         values = [(name, self._constants[name]) for name in names]
-        if sum(value.nbytes for _, value in values) < output.MAX_PROTOBUF_BYTES // 2:
+        if not self._memory_bound and sum(value.nbytes for _, value in values) < output.MAX_PROTOBUF_BYTES // 2:
             return {}
         return {
             name: np.ascontiguousarray(value)

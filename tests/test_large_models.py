@@ -279,17 +279,23 @@ def test_a_lowered_weight_with_the_originals_bytes_is_given_to_ort_as_the_origin
     assert not report.passed  # w2 doubled: the lowered model's own bytes are what ORT ran
 
 
-def test_over_the_limit_one_optimized_session_is_alive_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound", ["over the limit", "large weights below it"])
+def test_with_large_weights_one_optimized_session_is_alive_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bound: str
+) -> None:
     # Each ORT_ENABLE_ALL session holds the weights: the one that saves the optimized graph
     # is closed before the deployed one opens, and the deployed one (its batches run) before
-    # the one with the taps exposed.
+    # the one with the taps exposed; over protobuf's limit and for large weights below it.
     import gc
     import weakref
 
-    monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT)
+    monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT) if bound == "over the limit" else monkeypatch.setattr(
+        large_models, "MEMORY_BOUND_BYTES", LIMIT
+    )
     source, out = tmp_path / "large.onnx", tmp_path / "large.qcdq.onnx"
     _save_external(float_weights_beside_a_quantized_unit(4), source)
     qlower.convert(source, to="qcdq", output_path=out, verify_result=False)
+    assert Path(f"{out}.data").exists() == (bound == "over the limit")
     alive: list[weakref.ref] = []  # type: ignore[type-arg]
     opened = []
     make_session = reference.make_session
@@ -312,9 +318,33 @@ def test_over_the_limit_one_optimized_session_is_alive_at_a_time(monkeypatch: py
 
     with monkeypatch.context() as patch:
         patch.setattr(output, "MAX_PROTOBUF_BYTES", 2**31 - 1)
+        patch.setattr(large_models, "MEMORY_BOUND_BYTES", 2**31 - 1)
         patch.setattr("qlower.verification.runners.make_session", make_session)
         inline = qlower.verify(source, out)
     assert report.to_dict() == inline.to_dict()
+
+
+def test_the_reference_reads_large_weights_below_the_limit_as_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where a model's constants are memory bound, each reference group is given its large
+    # constants as arrays (which ORT_DISABLE_ALL reads in place) instead of inside the
+    # group's model bytes; it computes the same values.
+    model = float_weights_beside_a_quantized_unit(6)
+    feeds = {"x": np.random.default_rng(6).standard_normal((1, 32)).astype(np.float32)}
+    inline = reference.ReferenceExecutor(model)
+    given: list[dict[str, np.ndarray]] = []
+    make_session = reference.make_session
+
+    def recording(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+        given.append(dict(kwargs.get("external") or {}))  # type: ignore[call-overload]
+        return make_session(model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reference, "make_session", recording)
+    monkeypatch.setattr(large_models, "MEMORY_BOUND_BYTES", LIMIT)
+    bound = reference.ReferenceExecutor(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in ("w1", "w2", "b")}
+    passed = [array for arrays in given for array in arrays.values()]
+    assert len(passed) == 2 and all(any(np.array_equal(a, w) for a in passed) for w in (weights["w1"], weights["w2"]))  # b: 128 bytes
+    assert reference.identical(bound.run(feeds)["y"], inline.run(feeds)["y"])
 
 
 def test_the_graph_saved_without_prepacking_is_the_one_the_deployed_session_saves(
@@ -325,7 +355,7 @@ def test_the_graph_saved_without_prepacking_is_the_one_the_deployed_session_save
 
     monkeypatch.setattr(output, "MAX_PROTOBUF_BYTES", LIMIT)
     lowered = Lowered.of(qlower.convert(float_weights_beside_a_quantized_unit(5), to="qcdq", verify_result=False).model, "onnxruntime")
-    assert lowered.over_limit
+    assert lowered.memory_bound
     runner = OrtRunner(True)
     runner.save_optimized(lowered.skeleton, tmp_path / "saved.onnx", lowered.weights)
     runner.open(lowered.skeleton, tmp_path / "deployed.onnx", lowered.weights)

@@ -7,7 +7,7 @@ is). Each ORT runner opens and runs its sessions on a thread of its own
 OpenVINO's runners work in line (:class:`InLine`). ORT is given the lowered weights as
 arrays (:class:`Lowered`, see :mod:`qlower.large_models`): ``ORT_DISABLE_ALL`` reads them
 (memory maps of the data file, the reference's own where the bytes are the original's),
-``ORT_ENABLE_ALL`` copies them; over protobuf's limit those copies exist one at a time
+``ORT_ENABLE_ALL`` copies them; for large weights those copies exist one at a time
 (:func:`open_deployed`, :func:`open_runner`).
 """
 
@@ -26,8 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import numpy as np
 import onnx
 
-from .. import output
-from ..large_models import is_large, reuse_original, split
+from ..large_models import is_large, memory_bound, reuse_original, split
 from ..reference import first_line, identical
 from .internal import TapPoint
 from .kernels import KernelCount, count_kernels
@@ -92,7 +91,7 @@ class Opened:
 @contextmanager
 def scratch_file() -> Iterator[Path]:
     """A temporary file path for ORT's saved optimized graph (a file: removing a directory costs more),
-    and the external data file ORT writes beside it for a model over protobuf's limit."""
+    and the external data file ORT writes beside it for a model with large weights."""
     handle, name = tempfile.mkstemp(prefix="qlower-", suffix=".onnx")
     os.close(handle)
     try:
@@ -126,9 +125,11 @@ class Lowered:
         return runner.open(with_outputs(self.skeleton, exposed) if exposed else self.skeleton, saved_graph, self.weights)
 
     @cached_property
-    def over_limit(self) -> bool:
-        """Whether the model is over protobuf's limit (ORT saves its optimized graph with external data)."""
-        return bool(self.weights) and self.skeleton.ByteSize() + sum(array.nbytes for array in self.weights.values()) > output.MAX_PROTOBUF_BYTES
+    def memory_bound(self) -> bool:
+        """Whether the weights are large (over protobuf's limit, or
+        :data:`qlower.large_models.MEMORY_BOUND_BYTES`): ORT saves the optimized graph with
+        external data, and its ``ORT_ENABLE_ALL`` sessions hold the weights one at a time."""
+        return bool(self.weights) and memory_bound(self.skeleton.ByteSize(), sum(array.nbytes for array in self.weights.values()))
 
 
 @dataclass
@@ -142,12 +143,13 @@ class Deployed:
 def open_deployed(runner: Runner, lowered: Lowered, saved_graph: Path | None) -> Deployed:
     """Open ``lowered`` as deployed, its optimized graph written to ``saved_graph``.
 
-    Over protobuf's limit, an ORT session that saves its optimized graph (to external data)
-    and prepacks keeps a second copy of the weights for its life (measured, ORT 1.32: 2x the
-    weights, 1x without saving or without prepacking), so there the graph is saved by a
-    session that does not prepack, closed at once, and the deployed session saves nothing.
+    An ORT session that saves its optimized graph with external data and prepacks keeps a
+    second copy of the weights for its life (measured, ORT 1.32, over protobuf's limit: 2x
+    the weights, 1x without saving or without prepacking), so for large weights
+    (:attr:`Lowered.memory_bound`) the graph is saved by a session that does not prepack,
+    closed at once, and the deployed session saves nothing.
     """
-    if saved_graph is not None and isinstance(runner, OrtRunner) and lowered.over_limit:
+    if saved_graph is not None and isinstance(runner, OrtRunner) and lowered.memory_bound:
         runner.save_optimized(lowered.skeleton, saved_graph, lowered.weights)
         saved_graph = None
     return Deployed(lowered.open(runner, [], saved_graph))
@@ -196,7 +198,8 @@ def open_runner(
     the DequantizeLinear output they decode to); it runs what the deployed session runs,
     which :class:`Opened` checks on the graph outputs of every batch. Otherwise the lowered
     model is opened a second time with the taps exposed, and optimized again. For a model
-    over protobuf's limit the deployed session first runs every batch of ``feeds_list``
+    with large weights (:attr:`Lowered.memory_bound`: its saved graph's weights are not in
+    hand, so its taps are exposed in the lowered model) the deployed session first runs every batch of ``feeds_list``
     (:class:`Recorded`) and is closed before that second session opens: two sessions would
     hold the weights twice.
     """
@@ -215,7 +218,7 @@ def open_runner(
         saved, opened.kernels = _read_saved_graph(saved_graph, opened.notes)
     if not exposed:
         return opened
-    if lowered.over_limit:
+    if lowered.memory_bound:
         opened.deployed = opened.tapped = Recorded(opened.deployed, feeds_list)  # the session closes here
 
     # What a fallback needs (not the model as read, nor ``opened``: no reference cycle keeps a session alive).
