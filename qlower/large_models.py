@@ -126,9 +126,46 @@ def reuse_original(arrays: Mapping[str, np.ndarray], original: onnx.ModelProto) 
         if name not in mapped:
             continue
         theirs = ir.tensor_array(mapped[name])
+        if theirs is ours:  # (already the original's map: see share_original)
+            continue
         if theirs.dtype == ours.dtype and theirs.shape == ours.shape and _same_bytes(ours, theirs):
             reused[name] = theirs
     return reused
+
+
+def share_original(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which each large initializer that holds the same bytes as the
+    memory-mapped initializer of that name in ``original`` is that one (the same file, read
+    through the same memory map), the others as they are; ``model`` itself when there is
+    none. ``model`` is not changed.
+
+    A lowered model read from one file (below protobuf's limit) holds its weights in its
+    protobuf; a weight the lowering kept as it was is the original's, which the reference
+    reads from the original's data file: once the caller drops ``model``, that weight is
+    resident once, not once more for the lowered model's protobuf. Each weight is compared
+    on its own (one copy of it at a time).
+    """
+    mapped = {tensor.name: tensor for tensor in original.graph.initializer if ir.is_mapped(tensor)}
+    if not any(tensor.name in mapped and is_large(tensor) and not ir.is_mapped(tensor) for tensor in model.graph.initializer):
+        return model  # (nothing to share: no copy of the graph)
+    shared = output.copy_without(model, "graph")
+    assert isinstance(shared, onnx.ModelProto)
+    shared.graph.CopyFrom(output.copy_without(model.graph, "initializer"))
+    for tensor in model.graph.initializer:
+        theirs = mapped.get(tensor.name)
+        if theirs is not None and is_large(tensor) and not ir.is_mapped(tensor) and _same_tensor(tensor, theirs):
+            shared.graph.initializer.append(theirs)
+        else:
+            shared.graph.initializer.append(tensor)
+    return shared
+
+
+def _same_tensor(ours: onnx.TensorProto, theirs: onnx.TensorProto) -> bool:
+    """Whether an inline initializer holds the bytes of a mapped one of the same type and shape."""
+    if ours.data_type != theirs.data_type or list(ours.dims) != list(theirs.dims):
+        return False
+    ours_array, theirs_array = ir.tensor_array(ours), ir.tensor_array(theirs)
+    return ours_array.shape == theirs_array.shape and _same_bytes(np.ascontiguousarray(ours_array), theirs_array)
 
 
 _COMPARED_BYTES = 1 << 24  # per slice: 16 MiB

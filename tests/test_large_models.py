@@ -415,3 +415,31 @@ def test_mapped_weights_are_exported_one_at_a_time_with_the_bytes_the_exporter_w
     by_value = gs.export_onnx(graph, do_type_check=False)  # the exporter's own model (every weight by value)
     assert exported.graph.SerializeToString() == by_value.graph.SerializeToString()
     assert not any(ir.is_mapped(tensor) or tensor.external_data for tensor in exported.graph.initializer)
+
+
+def test_a_lowered_weight_kept_as_it_was_is_read_from_the_originals_file(tmp_path: Path) -> None:
+    # A lowered model below the limit (one file) holds its weights in its protobuf; the ones
+    # with the original's bytes are swapped for the original's mapped tensors, the rest kept.
+    original = float_weights_beside_a_quantized_unit(7)
+    _save_external(original, tmp_path / "m.onnx")
+    lowered = qlower.convert(tmp_path / "m.onnx", to="qcdq", verify_result=False).model
+    changed = next(t for t in lowered.graph.initializer if t.name == "w2")
+    changed.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(changed) * 2, "w2"))
+    onnx.save_model(lowered, str(tmp_path / "m.qcdq.onnx"))
+    loaded_original, loaded_lowered = ir.load_model(tmp_path / "m.onnx"), ir.load_model(tmp_path / "m.qcdq.onnx")
+    before = loaded_lowered.SerializeToString()
+    shared = large_models.share_original(loaded_lowered, loaded_original)
+    assert loaded_lowered.SerializeToString() == before  # not changed
+    tensors = {t.name: t for t in shared.graph.initializer}
+    maps = {t.name: ir.tensor_array(t) for t in loaded_original.graph.initializer if ir.is_mapped(t)}
+    assert ir.is_mapped(tensors["w1"]) and ir.tensor_array(tensors["w1"]) is maps["w1"]
+    assert not ir.is_mapped(tensors["w2"]) and np.array_equal(numpy_helper.to_array(tensors["w2"]), numpy_helper.to_array(changed))
+    assert [t.name for t in shared.graph.initializer] == [t.name for t in loaded_lowered.graph.initializer]
+    assert all(np.array_equal(ir.tensor_array(a), ir.tensor_array(b)) for a, b in zip(shared.graph.initializer, loaded_lowered.graph.initializer))
+    assert list(shared.graph.node) == list(loaded_lowered.graph.node)
+    inline_original = ir.load_model(onnx.load(str(tmp_path / "m.onnx")))  # nothing mapped: nothing to share
+    assert large_models.share_original(loaded_lowered, inline_original) is loaded_lowered
+    # verify from the paths (sharing) reports what it reports on the models as given (no sharing)
+    report = qlower.verify(tmp_path / "m.onnx", tmp_path / "m.qcdq.onnx")
+    assert not report.passed  # w2 doubled: the lowered model's own bytes are what ORT ran
+    assert report.to_dict() == qlower.verify(onnx.load(str(tmp_path / "m.onnx")), lowered).to_dict()

@@ -37,7 +37,7 @@ import onnx
 from ..collector import paused_cycle_collection
 from ..errors import UnsupportedError
 from ..ir import ModelSource, default_opset, load_model, normalize
-from ..large_models import split
+from ..large_models import share_original, split
 from ..progress import Progress
 from ..reference import ReferenceExecutor, all_identical, first_line, node_label
 from .compare import (
@@ -100,6 +100,10 @@ def verify(
     # verify only reads the models: a ModelProto handed in is not copied (weights held once)
     original_model = load_model(original, copy=False)
     lowered_model = load_model(lowered, copy=False)
+    if not isinstance(lowered, onnx.ModelProto) and runtime == "onnxruntime":
+        # a model verify read itself: its weights kept as they were are read from the
+        # original's data file (as the reference reads them), its own copies dropped
+        lowered_model = share_original(lowered_model, original_model)
     with ExitStack() as stack:
         # Each ORT runner opens and runs its sessions on a thread of its own, in order. ORT
         # releases the GIL while it creates a session or runs one, so they overlap the
