@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import os
 import sys
 from pathlib import Path
@@ -58,29 +59,52 @@ def _summary_console(*paths: Optional[Path | str]) -> Console:
     return stderr if _to_stdout(*paths) else stdout
 
 
+# Beyond this many records a summary table shows one row per kind of record (what they
+# became, and why) with how many there are, instead of one row each: a terminal shows about
+# this many rows, and rich takes about 0.4 ms to lay out a row (printing a 10k-node chain's
+# 5,000 quantizers took longer than converting it). Every record is in --report.
+ROWS_PER_RECORD_MAX = 40
+
+
+def _record_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], kind: str) -> Table:
+    """``rows`` (node first, then what describes it) as a table: one row each, or, past
+    :data:`ROWS_PER_RECORD_MAX`, one per distinct description with its count and first node,
+    in order of first appearance."""
+    if len(rows) <= ROWS_PER_RECORD_MAX:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        return table
+    counts: Counter[tuple[str, ...]] = Counter(row[1:] for row in rows)
+    first_node: dict[tuple[str, ...], str] = {}
+    for row in rows:
+        first_node.setdefault(row[1:], row[0])
+    table = Table(title=f"{title}: {len(rows)} {kind} of {len(counts)} kinds (each one: --report FILE)")
+    for column in (kind, *columns[1:], f"first {columns[0]}"):
+        table.add_column(column, overflow="fold")
+    for description, count in counts.items():  # (a Counter keeps the order of first appearance)
+        table.add_row(str(count), *description, first_node[description])
+    return table
+
+
 def _print_conversion(report: ConversionReport, quiet: bool, console: Console) -> None:
     if quiet:
         return
-    table = Table(
-        title=f"qlower --to {report.target} --profile {report.profile.name}: opset {report.input_opset} -> {report.output_opset}"
-    )
-    for column in ("node", "op", "role", "bits", "became"):
-        table.add_column(column, overflow="fold")
-    for record in report.quantizers:
-        bits = "" if record.bits is None else f"{record.bits:g}"
-        became = f"{record.emitted}" + ("  [float path]" if record.float_path else "")
-        table.add_row(record.node, record.op, record.role, bits, became)
-    console.print(table)
+    rows = [
+        (record.node, record.op, record.role, "" if record.bits is None else f"{record.bits:g}",
+         f"{record.emitted}" + ("  [float path]" if record.float_path else ""))
+        for record in report.quantizers
+    ]
+    title = f"qlower --to {report.target} --profile {report.profile.name}: opset {report.input_opset} -> {report.output_opset}"
+    console.print(_record_table(title, ("node", "op", "role", "bits", "became"), rows, "quantizers"))
     if report.profile.name != "portable":
         settings = ", ".join(f"{s.runtime} {s.name}={s.value}" for s in report.profile.runtime_settings)
         console.print(f"profile {report.profile.name} assumes {settings}", markup=False)
     if report.unit_records:
-        units = Table(title="compute units")
-        for column in ("node", "op", "became", "reason"):
-            units.add_column(column, overflow="fold")
-        for unit in report.unit_records:
-            units.add_row(*(str(unit.get(key) or "") for key in ("node", "op", "became", "reason")))
-        console.print(units)
+        units = [tuple(str(unit.get(key) or "") for key in ("node", "op", "became", "reason")) for unit in report.unit_records]
+        console.print(_record_table("compute units", ("node", "op", "became", "reason"), units, "units"))
 
 
 def _print_verification(report: VerificationReport, quiet: bool, console: Console) -> None:

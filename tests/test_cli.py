@@ -187,3 +187,39 @@ def test_profile_flag_is_recorded_and_checked_against_the_target(tmp_path: Path)
     proc = qlower_cli("convert", str(model), "--to", "qop", "--profile", "ort", "-o", str(refused))
     assert_refused(proc, "UnsupportedError", "profile ort", "--to qcdq")
     assert not refused.exists()
+
+
+def test_summary_table_lists_each_record_up_to_a_screen_then_each_kind() -> None:
+    from rich.console import Console
+
+    from qlower.cli import ROWS_PER_RECORD_MAX, _record_table
+
+    def rendered(rows: list[tuple[str, ...]]) -> str:
+        console = Console(record=True, width=200)
+        console.print(_record_table("t", ("node", "op", "became"), rows, "quantizers"))
+        return console.export_text()
+
+    few = [(f"n{i}", "Quant", "QuantizeLinear -> DequantizeLinear") for i in range(ROWS_PER_RECORD_MAX)]
+    text = rendered(few)
+    assert all(f" n{i} " in text for i in range(ROWS_PER_RECORD_MAX)) and "kinds" not in text
+    many = few + [("m0", "Quant", "int8 initializer -> DequantizeLinear"), ("m1", "Trunc", "float ops")]
+    many += [(f"k{i}", "Quant", "int8 initializer -> DequantizeLinear") for i in range(5)]
+    lines = rendered(many).splitlines()
+    assert any(f"{len(many)} quantizers of 3 kinds" in line for line in lines)
+    rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        [str(ROWS_PER_RECORD_MAX), "Quant", "QuantizeLinear -> DequantizeLinear", "n0"],
+        ["6", "Quant", "int8 initializer -> DequantizeLinear", "m0"],
+        ["1", "Trunc", "float ops", "m1"],
+    ]
+
+
+def test_convert_of_many_alike_quantizers_prints_their_kinds(tmp_path: Path) -> None:
+    from benchmarks.synthetic import shared_chain
+
+    source, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
+    onnx.save(shared_chain(400), str(source))  # 100 blocks: 100 activation and 100 weight quantizers
+    proc = qlower_cli("convert", str(source), "-o", str(out), "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "200 quantizers of 2 kinds" in " ".join(proc.stdout.split())  # (the title may wrap)
+    assert len(proc.stdout.splitlines()) < 40 and out.exists()
