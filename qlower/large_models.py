@@ -23,6 +23,9 @@ writes it) and the arrays of those initializers:
 
 from __future__ import annotations
 
+import mmap
+import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -209,6 +212,49 @@ def stub_folder() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="qlower-stubs-") as folder:
         (Path(folder) / DATA_LOCATION).touch()
         yield folder
+
+
+def read_from_files(
+    data: bytes, arrays: Mapping[str, np.ndarray]
+) -> tuple[bytes, dict[str, np.ndarray], str | None]:
+    """``data`` (a skeleton's bytes) and ``arrays`` (its external tensors' values) with each
+    array that is a whole memory map of a data file (:func:`ir.tensor_array` of a mapped
+    initializer) left for ORT to read from that file itself: its stub in the skeleton names
+    the file (by name, in the folder returned, which ORT is told to look in) and its offset,
+    and it is no longer among the arrays. Arrays in other folders than the first one's stay.
+
+    ORT copies each array it is given into its own memory while it creates a session, with
+    the array's pages resident meanwhile (the memory map's, counted on top of its copy);
+    reading the file itself it holds only its copy.
+    """
+    mapped = {name: array for name, array in arrays.items() if _whole_map(array)}
+    if not mapped:
+        return data, dict(arrays), None
+    folder = os.path.dirname(next(iter(mapped.values())).filename)
+    mapped = {name: array for name, array in mapped.items() if os.path.dirname(array.filename) == folder}
+    skeleton = onnx.ModelProto.FromString(data)
+    for tensor in skeleton.graph.initializer:
+        array = mapped.get(tensor.name)
+        if array is None:
+            continue
+        del tensor.external_data[:]
+        for key, value in (("location", os.path.basename(array.filename)), ("offset", str(array.offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return skeleton.SerializeToString(), {name: array for name, array in arrays.items() if name not in mapped}, folder
+
+
+def _whole_map(array: np.ndarray) -> bool:
+    """Whether ``array`` is a whole np.memmap of a file (not a view of one), in little-endian order."""
+    return (
+        isinstance(array, np.memmap)
+        and isinstance(array.base, mmap.mmap)
+        and isinstance(array.filename, str)
+        and array.flags.c_contiguous
+        and array.dtype.byteorder in ("=", "<", "|")
+        and sys.byteorder == "little"
+        and array.nbytes > 0
+    )
 
 
 def session_inputs(

@@ -67,6 +67,8 @@ def make_session(
     data. A ModelProto with weights is split into such a skeleton and arrays
     (:mod:`qlower.large_models`): ORT never needs a model over protobuf's limit serialised
     whole, and the bytes ORT's Python session keeps for its whole life are the skeleton's.
+    At ``ORT_ENABLE_ALL`` an array that is a memory map of a data file is read by ORT from
+    that file (:func:`qlower.large_models.read_from_files`), not copied from the map.
     ``already_optimized`` (with ``optimized``): ``model`` is such a saved graph; it is
     opened as deployed (threads, prepacking) but without running the graph transformers
     again, which is what makes a large model's ``ORT_ENABLE_ALL`` session slow to create.
@@ -108,16 +110,19 @@ def make_session(
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", f"{os.path.basename(saved_graph)}.data"
             )
-    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]  # views of the arrays
     # ORT_DISABLE_ALL without prepacking runs no graph transformer and packs no weight, so
     # nothing reads a weight but the kernels: the session reads the arrays themselves
     # (``add_initializer``; the same bytes, so the same results) instead of a copy. Sessions
     # given the same memory map then hold its pages once between them.
-    shared = bool(values) and not optimized
-    with large_models.stub_folder() if shared else contextlib.nullcontext() as folder:
-        if shared:
-            assert folder is not None
+    shared = bool(arrays) and not optimized
+    files = None
+    if arrays and optimized:  # a weight mapped from a data file: ORT reads that file itself
+        data, arrays, files = large_models.read_from_files(data, arrays)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]  # views of the arrays
+    with large_models.stub_folder() if shared else contextlib.nullcontext(files) as folder:
+        if folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        if shared:
             for name, value in zip(arrays, values):
                 options.add_initializer(name, value)
         elif values:  # ORT copies each array into its own memory while the session is created

@@ -443,3 +443,28 @@ def test_a_lowered_weight_kept_as_it_was_is_read_from_the_originals_file(tmp_pat
     report = qlower.verify(tmp_path / "m.onnx", tmp_path / "m.qcdq.onnx")
     assert not report.passed  # w2 doubled: the lowered model's own bytes are what ORT ran
     assert report.to_dict() == qlower.verify(onnx.load(str(tmp_path / "m.onnx")), lowered).to_dict()
+
+
+def test_an_optimized_session_reads_a_mapped_weight_from_its_file(tmp_path: Path) -> None:
+    # ORT_ENABLE_ALL given a weight that is a memory map of a data file reads that file
+    # itself (the skeleton's stub names it and the offset) instead of copying the map's
+    # pages; the session runs what it runs with the weights copied in.
+    _save_external(qlower.convert(float_weights_beside_a_quantized_unit(8), to="qcdq", verify_result=False).model, tmp_path / "m.onnx")
+    lowered = ir.load_model(tmp_path / "m.onnx")
+    data, arrays = large_models.session_inputs(lowered)
+    assert {"w1", "w2"} <= arrays.keys()
+    moved_data, rest, folder = large_models.read_from_files(data, arrays)
+    assert folder == str(tmp_path.resolve()) and not rest.keys() & {"w1", "w2"}
+    stubs = {t.name: {e.key: e.value for e in t.external_data} for t in onnx.ModelProto.FromString(moved_data).graph.initializer}
+    for name in ("w1", "w2"):
+        assert stubs[name]["location"] == "m.onnx.data"
+        start, length = int(stubs[name]["offset"]), int(stubs[name]["length"])
+        with open(tmp_path / "m.onnx.data", "rb") as file:
+            file.seek(start)
+            assert file.read(length) == arrays[name].tobytes()
+    copied = {name: np.array(array) for name, array in arrays.items()}  # no longer maps: handed over as arrays
+    assert large_models.read_from_files(data, copied) == (data, copied, None)
+    feeds = {"x": np.random.default_rng(8).standard_normal((1, 32)).astype(np.float32)}
+    from_files = reference.make_session(data, optimized=True, external=arrays).run(None, feeds)[0]
+    from_copies = reference.make_session(data, optimized=True, external=copied).run(None, feeds)[0]
+    assert reference.identical(from_files, from_copies)

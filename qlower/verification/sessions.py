@@ -7,7 +7,7 @@ is). Each ORT runner opens and runs its sessions on a thread of its own
 OpenVINO's runners work in line (:class:`InLine`). ORT is given the lowered weights as
 arrays (:class:`Lowered`, see :mod:`qlower.large_models`): ``ORT_DISABLE_ALL`` reads them
 (memory maps of the data file, the reference's own where the bytes are the original's),
-``ORT_ENABLE_ALL`` copies them; for large weights those copies exist one at a time
+``ORT_ENABLE_ALL`` copies them (a memory-mapped one read from its data file by ORT itself); for large weights those copies exist one at a time
 (:func:`open_deployed`, :func:`open_runner`).
 """
 
