@@ -187,6 +187,12 @@ class _LoweredGraph:
         if needed - self.shapes.keys():
             self.shapes.update(_run_shapes(model, needed - self.shapes.keys()))
         self.bits_of_tensor = bits_of_tensor
+        # One pass in graph order (qlower writes its output topologically sorted), not a walk
+        # back from each unit: that recursed once per node upstream (deep models overflowed).
+        self.constants = set(self.initializers)
+        for node in self.nodes:
+            if all(name in self.constants for name in node.input if name):
+                self.constants.update(node.output)
 
     def bits(self, tensor: str) -> float | None:
         """The bit width of the quantizer whose values ``tensor`` holds, or None (float)."""
@@ -215,11 +221,8 @@ class _LoweredGraph:
         return float(8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(container)).itemsize)
 
     def is_constant(self, tensor: str) -> bool:
-        """Whether ``tensor`` is computed from an initializer alone (a weight, folded or not)."""
-        node = self.producer.get(tensor)
-        if node is None:
-            return tensor in self.initializers
-        return all(self.is_constant(name) for name in node.input if name)
+        """Whether ``tensor`` is computed from initializers alone (a weight, folded or not)."""
+        return tensor in self.constants
 
     def unit(self, node: onnx.NodeProto) -> ComputeUnit:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

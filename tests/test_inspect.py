@@ -128,3 +128,13 @@ def test_cost_matches_qonnx_inference_cost(model: Path) -> None:
     for row in ours:
         params[row["weight_bits"]] = params.get(row["weight_bits"], 0) + row["weight_params"]
     assert params == expected_params
+
+
+def test_inspect_of_a_deep_chain_counts_every_unit() -> None:
+    # Constness is found in one pass over the lowered graph; it was a walk back from each
+    # unit that recursed once per node upstream (a RecursionError past ~1,000 nodes).
+    from benchmarks.synthetic import shared_chain
+
+    report = qlower.inspect(shared_chain(1600), targets=("qcdq",))
+    assert len(report.units) == 400 and all(unit.weight_params == 256 for unit in report.units)
+    assert report.to_dict()["summary"]["total_macs"] == 400 * 256
