@@ -160,16 +160,16 @@ def _flags(label: str) -> str:
 def _print_inspection(report: InspectionReport) -> None:
     data = report.to_dict()
     targets = list(report.lowerings)
-    table = Table(title=f"{report.model or 'model'}: {len(report.quantizers)} quantizers (opset {report.opset})")
-    for column in ("node", "op", "role", "bits", "signed", "layout", "zero point", "rounding"):
-        table.add_column(column, overflow="fold")
+    described = []
     for q in report.quantizers:
         layout = f"per-channel, axis {q['axis']}" if q["layout"] == "per-channel" else str(q["layout"])
         zero_point = q["zero_point"]
         shown_zp = f"{len(zero_point)} values" if isinstance(zero_point, list) else f"{zero_point:g}"
         signed = ("yes" if q["signed"] else "no") + (", narrow" if q["narrow"] else "")
-        table.add_row(str(q["node"]), str(q["op"]), str(q["role"]), _bits(q["bits"]), signed, layout, shown_zp, str(q["rounding_mode"] or "-"))
-    stdout.print(table)
+        described.append((str(q["node"]), str(q["op"]), str(q["role"]), _bits(q["bits"]), signed, layout, shown_zp, str(q["rounding_mode"] or "-")))
+    stdout.print(_record_table(
+        f"{report.model or 'model'}: {len(report.quantizers)} quantizers (opset {report.opset})",
+        ("node", "op", "role", "bits", "signed", "layout", "zero point", "rounding"), described, "quantizers"))
     for target in targets:
         if report.lowerings[target]["refused"]:
             continue
@@ -179,27 +179,25 @@ def _print_inspection(report: InspectionReport) -> None:
             stdout.print(f"{_flags(target)}: every quantizer as with --to {base}", markup=False)
             continue
         differing = "" if target == base else f" (where it differs from --to {base})"
-        became = Table(title=f"what {_flags(target)} makes of each quantizer{differing}")
-        for column in ("node", "pass", "becomes", "why not an earlier pass"):
-            became.add_column(column, overflow="fold")
+        became = []
         for q in rows:
             entry = q["lowerings"][target]
             why = "; ".join(f"{s['pass']}: {s['reason']}" for s in entry["skipped"]) or "-"
-            became.add_row(str(q["node"]), str(entry["lowered_by"]), str(entry["emitted"]) + (" [float path]" if entry["float_path"] else ""), why)
-        stdout.print(became)
+            became.append((str(q["node"]), str(entry["lowered_by"]), str(entry["emitted"]) + (" [float path]" if entry["float_path"] else ""), why))
+        stdout.print(_record_table(f"what {_flags(target)} makes of each quantizer{differing}",
+                                   ("node", "pass", "becomes", "why not an earlier pass"), became, "quantizers"))
     fusing = [t for t in targets if any(t in unit.lowerings for unit in report.units)]
     if report.units:
-        units = Table(title="compute units (MACs as qonnx's inference_cost counts them, dense)")
-        for column in ("node", "op", "act bits", "weight bits", "MACs", "weight params", *(_flags(t) for t in fusing)):
-            units.add_column(column, overflow="fold")
+        units = []
         for unit in report.units:
             kernels = []
             for target in fusing:
                 entry = unit.lowerings[target]
                 kernels.append(str(entry["became"]) if entry["integer_kernel"] else f"stays QCDQ: {entry['reason']}")
-            units.add_row(unit.node, unit.op, _bits(unit.activation_bits), _bits(unit.weight_bits),
-                          "?" if unit.macs is None else f"{unit.macs:,}", "?" if unit.weight_params is None else f"{unit.weight_params:,}", *kernels)
-        stdout.print(units)
+            units.append((unit.node, unit.op, _bits(unit.activation_bits), _bits(unit.weight_bits),
+                          "?" if unit.macs is None else f"{unit.macs:,}", "?" if unit.weight_params is None else f"{unit.weight_params:,}", *kernels))
+        stdout.print(_record_table("compute units (MACs as qonnx's inference_cost counts them, dense)",
+                                   ("node", "op", "act bits", "weight bits", "MACs", "weight params", *(_flags(t) for t in fusing)), units, "units"))
     summary = data["summary"]
     cost = Table(title="summary by bit width")
     for column in ("act bits", "weight bits", "units", "MACs", "weight params"):
