@@ -312,6 +312,22 @@ def test_unsupported_units_stay_exact_qcdq_with_a_reason(case: str) -> None:
     assert report.passed, report.failures
 
 
+def test_a_long_run_of_ops_before_a_unit_moves_onto_the_integers() -> None:
+    """1,200 Reshapes between the quantizer and the unit: unusual, not invalid. The walk back
+    to the quantizer keeps its own stack (recursing per op overflowed Python's stack)."""
+    b = UnitBuilder()
+    current = b.quant("qx", "x", 0.05, 0.0, 8, signed=1)
+    b.inits.append(numpy_helper.from_array(np.array([2, 48], np.int64), "shape"))
+    shape = "shape"
+    for i in range(1200):
+        current = b.node("Reshape", [current, shape], f"reshape{i}")
+    w = b.quant("qw", b.const("W", np.random.default_rng(1).integers(-60, 61, (48, 8)) * 0.01), 0.01, 0.0, 8, narrow=1)
+    y = b.quant("qy", b.node("MatMul", [current, w], "compute"), 0.1, 0.0, 8, signed=0)
+    result = convert_qop(b.model((2, 48), y))
+    assert unit_record(result)["became"].count("Reshape") == 1200
+    assert len(nodes_of(result.model, "MatMulInteger")) == 1
+
+
 def test_ops_before_a_unit_move_onto_the_integers() -> None:
     """Quant -> MaxPool -> Flatten -> Clip -> Gemm: the ops move onto the integers, the
     Gemm fuses, and the whole integer region between them becomes uint8 (zero point 128)."""

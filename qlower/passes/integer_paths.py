@@ -129,17 +129,38 @@ class IntegerPath:
 
 
 def integer_path(tensor: gs.Tensor) -> IntegerPath:
-    """``tensor`` as integers, directly or through ops that commute with DequantizeLinear."""
-    node = producer(tensor)
-    if node is None or node.op not in PASS_THROUGH or node.domain not in (None, "", "ai.onnx"):
-        return IntegerPath([integer_activation(tensor, "the input")], [])
-    if len(node.outputs) != 1:
-        raise Refused(f"the input comes from {node.op} with {len(node.outputs)} outputs (e.g. MaxPool indices)")
-    data = node.inputs if node.op == "Concat" else node.inputs[:1]
-    paths = [integer_path(t) for t in data]
-    leaves = {id(leaf.dq): leaf for path in paths for leaf in path.leaves}
-    moves = {id(move): move for path in paths for move in path.moves}
-    first = paths[0].leaves[0]
+    """``tensor`` as integers, directly or through ops that commute with DequantizeLinear.
+
+    The ops are walked back depth first, each input of a Concat in order, with a stack of
+    our own (a run of a thousand Reshapes is unusual, not invalid: recursion overflowed)."""
+    paths: dict[int, IntegerPath] = {}
+    pending: list[tuple[gs.Tensor, bool]] = [(tensor, False)]  # (tensor, its inputs' paths are known)
+    while pending:
+        current, inputs_known = pending.pop()
+        node = producer(current)
+        if not inputs_known:
+            if node is None or node.op not in PASS_THROUGH or node.domain not in (None, "", "ai.onnx"):
+                paths[id(current)] = IntegerPath([integer_activation(current, "the input")], [])
+                continue
+            if len(node.outputs) != 1:
+                raise Refused(f"the input comes from {node.op} with {len(node.outputs)} outputs (e.g. MaxPool indices)")
+            pending.append((current, True))
+            pending.extend((source, False) for source in reversed(_data_inputs(node)))
+            continue
+        assert node is not None
+        paths[id(current)] = _through(node, [paths[id(source)] for source in _data_inputs(node)])
+    return paths[id(tensor)]
+
+
+def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
+    return list(node.inputs) if node.op == "Concat" else list(node.inputs[:1])
+
+
+def _through(node: gs.Node, inputs: list[IntegerPath]) -> IntegerPath:
+    """The path of ``node``'s output from the paths of its data inputs, or Refused."""
+    leaves = {id(leaf.dq): leaf for path in inputs for leaf in path.leaves}
+    moves = {id(move): move for path in inputs for move in path.moves}
+    first = inputs[0].leaves[0]
     if first.axis is not None and node.op not in PER_CHANNEL_THROUGH:
         raise Refused(f"the input has per-channel scales and goes through {node.op}, which may move its channel axis")
     if any(leaf.dtype != first.dtype or leaf.zero_point != first.zero_point or leaf.axis != first.axis
