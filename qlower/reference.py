@@ -57,6 +57,7 @@ def make_session(
     external: Mapping[str, np.ndarray] | None = None,
     already_optimized: bool = False,
     prepacking: bool = True,
+    data_folder: str | os.PathLike | None = None,
 ) -> ort.InferenceSession:
     """A CPU ORT session: ``ORT_ENABLE_ALL`` as users deploy it, or ``ORT_DISABLE_ALL``.
 
@@ -74,6 +75,8 @@ def make_session(
     again, which is what makes a large model's ``ORT_ENABLE_ALL`` session slow to create.
     ``prepacking`` False (with ``optimized``): weights are not prepacked, for a session made
     only to save its optimized graph (ORT prepacks after it has saved the graph).
+    ``data_folder``: where the files named by ``model``'s external tensors are (a saved
+    graph's ``<saved_graph>.data``); ORT reads them itself.
 
     The unoptimized level is the one held to bit-exactness, so it also turns off weight
     prepacking: ORT prepacks constant MatMul/Gemm weights and then sums in another order
@@ -115,8 +118,8 @@ def make_session(
     # (``add_initializer``; the same bytes, so the same results) instead of a copy. Sessions
     # given the same memory map then hold its pages once between them.
     shared = bool(arrays) and not optimized
-    files = None
-    if arrays and optimized:  # a weight mapped from a data file: ORT reads that file itself
+    files = None if data_folder is None else os.fspath(data_folder)
+    if arrays and optimized and files is None:  # a weight mapped from a data file: ORT reads that file itself
         data, arrays, files = large_models.read_from_files(data, arrays)
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]  # views of the arrays
     with large_models.stub_folder() if shared else contextlib.nullcontext(files) as folder:

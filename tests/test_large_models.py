@@ -285,7 +285,9 @@ def test_with_large_weights_one_optimized_session_is_alive_at_a_time(
 ) -> None:
     # Each ORT_ENABLE_ALL session holds the weights: the one that saves the optimized graph
     # is closed before the deployed one opens, and the deployed one (its batches run) before
-    # the one with the taps exposed; over protobuf's limit and for large weights below it.
+    # the saved graph is reopened, with the taps as outputs and its weights read from the
+    # data file ORT wrote beside it; over protobuf's limit and for large weights below it.
+    from qlower.verification.runners import OrtRunner
     import gc
     import weakref
 
@@ -311,9 +313,18 @@ def test_with_large_weights_one_optimized_session_is_alive_at_a_time(
         return session
 
     monkeypatch.setattr("qlower.verification.runners.make_session", one_at_a_time)
+    reopened: list[bool] = []
+    reopen = OrtRunner.reopen
+
+    def recording_reopen(runner: OrtRunner, saved: onnx.ModelProto, folder: Path):  # type: ignore[no-untyped-def]
+        reopened.append(any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in saved.graph.initializer))
+        return reopen(runner, saved, folder)
+
+    monkeypatch.setattr(OrtRunner, "reopen", recording_reopen)
     report = qlower.verify(source, out)
     assert report.passed, report.failures
-    assert opened == [False, True, True]  # saves the graph; deployed; taps exposed
+    assert opened == [False, True, True]  # saves the graph; deployed; the saved graph reopened
+    assert reopened == [True] and not report.notes
     assert report.kernels is not None and any(record.level == "ORT_ENABLE_ALL" for record in report.internal)
 
     with monkeypatch.context() as patch:

@@ -276,7 +276,7 @@ def test_taps_at_enable_all_are_read_in_the_graph_ort_runs_checked_by_its_output
             return [results[0] + np.float32(1), *results[1:]]
 
     real_reopen = OrtRunner.reopen
-    monkeypatch.setattr(OrtRunner, "reopen", lambda runner, saved: Shifted(real_reopen(runner, saved)))
+    monkeypatch.setattr(OrtRunner, "reopen", lambda runner, saved, folder: Shifted(real_reopen(runner, saved, folder)))
     opened.clear()
     report = verify(original, lowered, batches=2)
     assert report.passed, report.failures

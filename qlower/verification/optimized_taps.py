@@ -29,8 +29,6 @@ def carried_taps(points: list[TapPoint], lowered: onnx.ModelProto, saved: onnx.M
     with the same scale and axis and a zero point of the same value or, for int8 made
     uint8 (ORT's QDQS8ToU8 on x86), 128 higher: the same integers shifted by 128.
     """
-    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in saved.graph.initializer):
-        return None  # its weights are not in hand (not loaded here)
     produced = {name for node in saved.graph.node for name in node.output if name}
     writers = {node.output[0]: node for node in lowered.graph.node if node.output}
     quantizers: dict[str, list[onnx.NodeProto]] = {}
@@ -38,7 +36,9 @@ def carried_taps(points: list[TapPoint], lowered: onnx.ModelProto, saved: onnx.M
         if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx") and len(node.input) == 3:
             quantizers.setdefault(node.input[0], []).append(node)
     constants = {tensor.name: tensor for tensor in lowered.graph.initializer}
-    saved_constants = {tensor.name: tensor for tensor in saved.graph.initializer}
+    # (a saved graph's large weights are in its data file, not loaded here: a quantizer whose
+    # scale or zero point is among them is not matched, and the taps are exposed instead)
+    saved_constants = {tensor.name: tensor for tensor in saved.graph.initializer if tensor.data_location != onnx.TensorProto.EXTERNAL}
     carried = []
     for point in points:
         if point.exposed in produced:

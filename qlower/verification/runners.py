@@ -126,10 +126,11 @@ class OrtRunner(Runner):
         at once (one that does not prepack its weights: ORT prepacks after saving the graph)."""
         make_session(model, optimized=self.optimizes, saved_graph=saved_graph, external=external, prepacking=False)
 
-    def reopen(self, saved: onnx.ModelProto) -> Session:
-        """Open the graph this runner saved (``open``'s ``saved_graph``) as it runs, without
-        optimizing it again."""
-        return _OrtSession(make_session(saved, optimized=self.optimizes, already_optimized=True))
+    def reopen(self, saved: onnx.ModelProto, folder: Path) -> Session:
+        """Open the graph this runner saved (``open``'s ``saved_graph``, in ``folder`` with
+        the data file of its large weights, if it has one) as it runs, without optimizing it
+        again."""
+        return _OrtSession(make_session(saved, optimized=self.optimizes, already_optimized=True, data_folder=folder))
 
 
 # ---------------------------------------------------------------------------------------

@@ -198,10 +198,10 @@ def open_runner(
     the DequantizeLinear output they decode to); it runs what the deployed session runs,
     which :class:`Opened` checks on the graph outputs of every batch. Otherwise the lowered
     model is opened a second time with the taps exposed, and optimized again. For a model
-    with large weights (:attr:`Lowered.memory_bound`: its saved graph's weights are not in
-    hand, so its taps are exposed in the lowered model) the deployed session first runs every batch of ``feeds_list``
-    (:class:`Recorded`) and is closed before that second session opens: two sessions would
-    hold the weights twice.
+    with large weights (:attr:`Lowered.memory_bound`; ORT saved its graph's weights in a
+    data file beside it, which the reopened session reads) the deployed session first runs
+    every batch of ``feeds_list`` (:class:`Recorded`) and is closed before that second
+    session opens: two sessions would hold the weights twice.
     """
     if not runner.reads_integer_taps:
         points = [point.reading_float() for point in points]
@@ -237,7 +237,7 @@ def open_runner(
             onnx.ValueInfoProto(name=name) for name in dict.fromkeys(point.exposed for point in carried)
         )
         try:
-            reopened = runner.reopen(saved)  # type: ignore[attr-defined, arg-type]
+            reopened = runner.reopen(saved, saved_graph.parent)  # type: ignore[attr-defined, arg-type, union-attr]
         except Exception:  # the runtime's own exception types: then the taps are exposed in the lowered model
             pass
         else:
