@@ -170,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             # The first lowers to int8 (a quarter of its size); the second keeps its float
             # weights, so its lowered model is over 2 GB too (checked, run and written as such).
             chosen = args.large.split(",")
-            for label, make in ((">2 GB", synthetic.large_weights), (">2 GB float", synthetic.large_float_weights)):
-                if ("float" if "float" in label else "int8") not in chosen:
+            size = ">2 GB" if args.large_bytes > 2**31 else f"{args.large_bytes / 2**20:.0f} MB"
+            for kind, make in (("int8", synthetic.large_weights), ("float", synthetic.large_float_weights)):
+                if kind not in chosen:
                     continue
+                label = size if kind == "int8" else f"{size} float"
                 free = shutil.disk_usage(folder).free
                 if free < 5 * args.large_bytes:
                     print(f"{label:>10} skipped: {free / 2**30:.1f} GB free in {folder}, needs {5 * args.large_bytes / 2**30:.0f}")
