@@ -170,14 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             # The first lowers to int8 (a quarter of its size); the second keeps its float
             # weights, so its lowered model is over 2 GB too (checked, run and written as such).
             chosen = args.large.split(",")
-            size = ">2 GB" if args.large_bytes > 2**31 else f"{args.large_bytes / 2**20:.0f} MB"
             for kind, make in (("int8", synthetic.large_weights), ("float", synthetic.large_float_weights)):
                 if kind not in chosen:
                     continue
-                label = size if kind == "int8" else f"{size} float"
                 free = shutil.disk_usage(folder).free
                 if free < 5 * args.large_bytes:
-                    print(f"{label:>10} skipped: {free / 2**30:.1f} GB free in {folder}, needs {5 * args.large_bytes / 2**30:.0f}")
+                    print(f"large {kind} skipped: {free / 2**30:.1f} GB free in {folder}, needs {5 * args.large_bytes / 2**30:.0f}")
                     continue
                 path = folder / "large.onnx"
                 start = time.perf_counter()
@@ -186,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 synthetic.save(model, path, external=True)
                 del model
                 weight_bytes = Path(f"{path}.data").stat().st_size
+                size = ">2 GB" if weight_bytes > 2**31 else f"{weight_bytes / 2**20:.0f} MB"  # (--large-bytes may shrink them)
+                label = size if kind == "int8" else f"{size} float"
                 print(f"{'':>10} (generated the {label} model in {time.perf_counter() - start:.0f} s)")
                 run_size(label, nodes, path, weight_bytes, floor=False)
     finally:
