@@ -13,7 +13,7 @@ writes it) and the arrays of those initializers:
   tensors), so this is the check ``check_model(path, full_check=True)`` makes of the
   model written with its external data, without writing gigabytes to do it;
 * :func:`session_inputs` gives ONNX Runtime the skeleton's bytes and the arrays, which
-  ``reference.make_session`` hands over as external initializers
+  ``ort_sessions.make_session`` hands over as external initializers
   (``SessionOptions.add_external_initializers``: ORT replaces each external tensor of that
   name with a copy of the array in its own memory) or, at ``ORT_DISABLE_ALL``, as shared
   initializers (``add_initializer``: ORT reads the array itself; see :func:`stub_folder`).

@@ -501,7 +501,7 @@ def test_regression_prepacked_constant_weight() -> None:
     """A Trunc on a constant weight folds to a float constant; ORT prepacks a constant MatMul
     weight and sums in another order than for the same weight fed at run time (as the
     reference fed it): last-bit mismatches at ORT_DISABLE_ALL. Found by the fuzzer; fixed in
-    reference.make_session (prepacking off at the exact level)."""
+    ort_sessions.make_session (prepacking off at the exact level)."""
     weights = np.random.default_rng(0).normal(0, 50, (3, 6)).astype(np.float32)
     trunc = helper.make_node("Trunc", ["w", "s", "z", "bi", "os", "bo"], ["wq"], name="weight_trunc", domain=QONNX, rounding_mode="HALF_EVEN", signed=1)
     model = _model([trunc, helper.make_node("MatMul", ["x", "wq"], ["y"], name="matmul")], [1, 3], extra_inits=[

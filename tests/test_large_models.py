@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qlower
-from qlower import ir, large_models, output, reference, semantics
+from qlower import ir, large_models, ort_sessions, output, reference, semantics
 from qlower.errors import ModelLoadError
 
 QONNX = "qonnx.custom_op.general"
@@ -75,7 +75,7 @@ def lowered_limit(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["check"] += 1
         check(model)
 
-    make_session = reference.make_session
+    make_session = ort_sessions.make_session
 
     def counted_session(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
         if kwargs.get("external") or (isinstance(model, onnx.ModelProto) and large_models.needs_split(model)):
@@ -238,8 +238,8 @@ def test_ort_is_given_weights_as_external_initializers_whatever_the_model_size()
     assert arrays.keys() == weights.keys() and all(np.array_equal(arrays[n], weights[n]) for n in weights)
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
     for optimized in (False, True):
-        split_session = reference.make_session(model, optimized=optimized)
-        inline_session = reference.make_session(model.SerializeToString(), optimized=optimized)  # bytes: as given
+        split_session = ort_sessions.make_session(model, optimized=optimized)
+        inline_session = ort_sessions.make_session(model.SerializeToString(), optimized=optimized)  # bytes: as given
         assert reference.identical(split_session.run(None, feeds)[0], inline_session.run(None, feeds)[0])
 
 
@@ -251,9 +251,9 @@ def test_the_unoptimized_level_reads_the_callers_weights_and_the_optimized_level
     data, split_arrays = large_models.session_inputs(model)
     arrays = {name: array.copy() for name, array in split_arrays.items()}  # writable
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
-    sessions = {optimized: reference.make_session(data, optimized=optimized, external=arrays) for optimized in (False, True)}
+    sessions = {optimized: ort_sessions.make_session(data, optimized=optimized, external=arrays) for optimized in (False, True)}
     before = {optimized: session.run(None, feeds)[0] for optimized, session in sessions.items()}
-    inline = reference.make_session(model.SerializeToString(), optimized=False).run(None, feeds)[0]
+    inline = ort_sessions.make_session(model.SerializeToString(), optimized=False).run(None, feeds)[0]
     assert reference.identical(before[False], inline)
     arrays["w2"][...] = 0  # (changing a weight after the sessions are made shows which reads it)
     assert not np.any(sessions[False].run(None, feeds)[0])
@@ -300,7 +300,7 @@ def test_with_large_weights_one_optimized_session_is_alive_at_a_time(
     assert Path(f"{out}.data").exists() == (bound == "over the limit")
     alive: list[weakref.ref] = []  # type: ignore[type-arg]
     opened = []
-    make_session = reference.make_session
+    make_session = ort_sessions.make_session
 
     def one_at_a_time(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
         if kwargs.get("optimized"):
@@ -343,7 +343,7 @@ def test_the_reference_reads_large_weights_below_the_limit_as_arrays(monkeypatch
     feeds = {"x": np.random.default_rng(6).standard_normal((1, 32)).astype(np.float32)}
     inline = reference.ReferenceExecutor(model)
     given: list[dict[str, np.ndarray]] = []
-    make_session = reference.make_session
+    make_session = ort_sessions.make_session
 
     def recording(model: onnx.ModelProto | bytes, **kwargs: object):  # type: ignore[no-untyped-def]
         given.append(dict(kwargs.get("external") or {}))  # type: ignore[call-overload]
@@ -476,6 +476,6 @@ def test_an_optimized_session_reads_a_mapped_weight_from_its_file(tmp_path: Path
     copied = {name: np.array(array) for name, array in arrays.items()}  # no longer maps: handed over as arrays
     assert large_models.read_from_files(data, copied) == (data, copied, None)
     feeds = {"x": np.random.default_rng(8).standard_normal((1, 32)).astype(np.float32)}
-    from_files = reference.make_session(data, optimized=True, external=arrays).run(None, feeds)[0]
-    from_copies = reference.make_session(data, optimized=True, external=copied).run(None, feeds)[0]
+    from_files = ort_sessions.make_session(data, optimized=True, external=arrays).run(None, feeds)[0]
+    from_copies = ort_sessions.make_session(data, optimized=True, external=copied).run(None, feeds)[0]
     assert reference.identical(from_files, from_copies)

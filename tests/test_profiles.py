@@ -12,7 +12,7 @@ from onnx import numpy_helper
 import qlower
 from qlower import semantics
 from qlower.profiles import OPENVINO, PORTABLE, PROFILES, emitted_forms, get_profile, openvino_config
-from qlower.reference import make_session
+from qlower.ort_sessions import make_session
 from qlower.verification.inputs import make_inputs
 
 import helpers

@@ -27,7 +27,8 @@ from paths import ZOO_MODELS
 from qlower import semantics
 from qlower.errors import InvalidModelError, InvalidQuantizerError, UnsupportedError
 from qlower.ir import QONNX_DOMAINS, load_model
-from qlower.reference import ReferenceExecutor, evaluate_qonnx_node, make_session
+from qlower.ort_sessions import make_session
+from qlower.reference import ReferenceExecutor, evaluate_qonnx_node
 from qlower.verification import make_inputs
 
 F32 = np.float32

@@ -26,7 +26,7 @@ import onnx
 
 from ..errors import UnsupportedError
 from ..profiles import RUNTIMES
-from ..reference import make_session
+from ..ort_sessions import make_session
 
 UNOPTIMIZED = "ORT_DISABLE_ALL"
 OPTIMIZED = "ORT_ENABLE_ALL"
