@@ -123,7 +123,7 @@ def reuse_original(arrays: Mapping[str, np.ndarray], original: onnx.ModelProto) 
 
     The bytes are compared a slice at a time, each slice's pages released once compared.
     """
-    mapped = {tensor.name: tensor for tensor in original.graph.initializer if ir.is_mapped(tensor)}
+    mapped = _mapped_initializers(original)
     reused = dict(arrays)
     for name, ours in arrays.items():
         if name not in mapped:
@@ -131,7 +131,7 @@ def reuse_original(arrays: Mapping[str, np.ndarray], original: onnx.ModelProto) 
         theirs = ir.tensor_array(mapped[name])
         if theirs is ours:  # (already the original's map: see share_original)
             continue
-        if theirs.dtype == ours.dtype and theirs.shape == ours.shape and _same_bytes(ours, theirs):
+        if _same_array(ours, theirs):
             reused[name] = theirs
     return reused
 
@@ -148,7 +148,7 @@ def share_original(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Mo
     resident once, not once more for the lowered model's protobuf. Each weight is compared
     on its own (one copy of it at a time).
     """
-    mapped = {tensor.name: tensor for tensor in original.graph.initializer if ir.is_mapped(tensor)}
+    mapped = _mapped_initializers(original)
     if not any(tensor.name in mapped and is_large(tensor) and not ir.is_mapped(tensor) for tensor in model.graph.initializer):
         return model  # (nothing to share: no copy of the graph)
     shared = output.copy_without(model, "graph")
@@ -163,12 +163,21 @@ def share_original(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Mo
     return shared
 
 
+def _mapped_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """``model``'s initializers memory-mapped from its data file, by name."""
+    return {tensor.name: tensor for tensor in model.graph.initializer if ir.is_mapped(tensor)}
+
+
 def _same_tensor(ours: onnx.TensorProto, theirs: onnx.TensorProto) -> bool:
     """Whether an inline initializer holds the bytes of a mapped one of the same type and shape."""
     if ours.data_type != theirs.data_type or list(ours.dims) != list(theirs.dims):
-        return False
-    ours_array, theirs_array = ir.tensor_array(ours), ir.tensor_array(theirs)
-    return ours_array.shape == theirs_array.shape and _same_bytes(np.ascontiguousarray(ours_array), theirs_array)
+        return False  # (without decoding either)
+    return _same_array(ir.tensor_array(ours), ir.tensor_array(theirs))
+
+
+def _same_array(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """Whether ``ours`` holds the bytes of ``theirs`` (a C-contiguous memory map): same type, shape and bytes."""
+    return ours.dtype == theirs.dtype and ours.shape == theirs.shape and _same_bytes(np.ascontiguousarray(ours), theirs)
 
 
 _COMPARED_BYTES = 1 << 24  # per slice: 16 MiB
