@@ -401,16 +401,13 @@ def _try_pairs(search: _Search, rows: np.ndarray, factors: np.ndarray, biases: i
     # pairs with an exact candidate have it first): a pair keeps its first candidate
     # missing fewest either way.
     misses = np.full(exists.shape, _NO_CANDIDATE)
-    for stage in range(2):
-        if stage == 0:
-            row = np.flatnonzero(exists[:, 0])
-            column = np.zeros(row.size, np.int64)
-        else:  # only the candidates that exist (a sixth of the columns), one per row of these arrays
-            later = exists.copy()
-            later[:, 0] = False
-            later[misses[:, 0] == 0] = False
-            row, column = np.nonzero(later)
-        misses[row, column] = _misses(s, rows[row], factors[row], b[row, column], m[row, column])[0]
+    first = np.flatnonzero(exists[:, 0])
+    misses[first, 0] = _misses(s, rows[first], factors[first], b[first, 0], m[first, 0])[0]
+    later = exists.copy()  # only the candidates that exist (a sixth of the columns), one per row of these arrays
+    later[:, 0] = False
+    later[misses[:, 0] == 0] = False
+    row, column = np.nonzero(later)
+    misses[row, column] = _misses(s, rows[row], factors[row], b[row, column], m[row, column])[0]
     pick = np.argmin(misses, axis=1)
     every = np.arange(rows.size)
     return misses[every, pick], b[every, pick], m[every, pick]
