@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedError
-from ..profiles import RUNTIMES
 from ..ort_sessions import make_session
+from ..profiles import RUNTIMES
 
 UNOPTIMIZED = "ORT_DISABLE_ALL"
 OPTIMIZED = "ORT_ENABLE_ALL"
