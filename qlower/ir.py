@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper, version_converter
 
+from . import output
 from .errors import InvalidModelError, ModelLoadError, UnsupportedError
 from .links import remove_unused_nodes, replace_input
 
@@ -69,6 +70,7 @@ MAPPABLE_TYPES = frozenset({
     onnx.TensorProto.BOOL,
 })
 _MAPPED_KEY = "qlower_mapped"  # marks the external data entries load_model checked and made absolute
+_MAPPED = ((_MAPPED_KEY, "1"),)
 _byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # moved in numpy 2
 # One mapping per region of a file, shared by everyone who reads it while anyone holds it.
 _mapped: "weakref.WeakValueDictionary[tuple[object, ...], np.memmap]" = weakref.WeakValueDictionary()
@@ -96,10 +98,7 @@ def _map_external(tensor: onnx.TensorProto, target: Path, origin: str) -> bool:
             f"{origin}: tensor {tensor.name!r} needs {expected} bytes of external data at offset {offset} of "
             f"{info.get('location', '')!r}, which has {max(0, target.stat().st_size - offset)} there (length {length})"
         )
-    del tensor.external_data[:]
-    for key, value in (("location", str(target)), ("offset", str(offset)), ("length", str(length)), (_MAPPED_KEY, "1")):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
+    output.point_to_external(tensor, str(target), offset, length, _MAPPED)
     return True
 
 
@@ -446,10 +445,7 @@ def _refer_to_mapped_files(graph: gs.Graph) -> list[tuple[gs.Constant, np.memmap
         if tensor.export_dtype != tensor.dtype or tensor.data_location is not None:
             continue
         reference = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
-        reference.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", values.filename), ("offset", str(values.offset)), ("length", str(values.nbytes)), (_MAPPED_KEY, "1")):
-            entry = reference.external_data.add()
-            entry.key, entry.value = key, value
+        output.point_to_external(reference, values.filename, values.offset, values.nbytes, _MAPPED)
         tensor._values = gs.ir.tensor.LazyValues(reference)
         referenced.append((tensor, values))
     return referenced

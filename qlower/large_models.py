@@ -59,10 +59,7 @@ def fits_inline(model: onnx.ModelProto) -> bool:
 def external_stub(name: str, array: np.ndarray) -> onnx.TensorProto:
     """A tensor ``name`` of ``array``'s type and shape whose bytes are external data."""
     stub = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-    stub.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", DATA_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
-        entry = stub.external_data.add()
-        entry.key, entry.value = key, value
+    output.point_to_external(stub, DATA_LOCATION, 0, array.nbytes)
     return stub
 
 
@@ -104,11 +101,7 @@ def split(model: onnx.ModelProto, *, arrays: bool = True) -> tuple[onnx.ModelPro
             continue
         stub = output.copy_without(tensor, "raw_data")
         assert isinstance(stub, onnx.TensorProto)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        del stub.external_data[:]
-        for key, value in (("location", DATA_LOCATION), ("offset", "0"), ("length", str(_nbytes(tensor)))):
-            entry = stub.external_data.add()
-            entry.key, entry.value = key, value
+        output.point_to_external(stub, DATA_LOCATION, 0, _nbytes(tensor))
         skeleton.graph.initializer.append(stub)
         if arrays:
             left_out[tensor.name] = ir.tensor_array(tensor)
@@ -246,10 +239,7 @@ def read_from_files(
         array = mapped.get(tensor.name)
         if array is None:
             continue
-        del tensor.external_data[:]
-        for key, value in (("location", os.path.basename(array.filename)), ("offset", str(array.offset)), ("length", str(array.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        output.point_to_external(tensor, os.path.basename(array.filename), array.offset, array.nbytes)
     return skeleton.SerializeToString(), {name: array for name, array in arrays.items() if name not in mapped}, folder
 
 

@@ -73,6 +73,18 @@ class Destination:
         return self.kind in ("replace", "create")
 
 
+def point_to_external(
+    tensor: onnx.TensorProto, location: str, offset: int, length: int, marks: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """Make ``tensor``'s bytes the ``length`` bytes at ``offset`` of the file ``location``
+    (onnx's external data entries, replacing any it had, then ``marks``)."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length)), *marks):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -582,10 +594,7 @@ class _ExternalInitializers:
                     stub = copy_without(tensor, "raw_data")
                     assert isinstance(stub, onnx.TensorProto)
                     offset, length = self.placed[index]
-                    stub.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
-                        entry = stub.external_data.add()
-                        entry.key, entry.value = key, value
+                    point_to_external(stub, self.location, offset, length)
                     body = stub.SerializeToString()
                 else:
                     body = tensor.SerializeToString()
